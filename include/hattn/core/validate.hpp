@@ -1,0 +1,118 @@
+#pragma once
+// Input validation shared by every backend and the reference: bad input is a
+// Status with a message, never undefined behaviour.
+
+#include <cmath>
+#include <cstdint>
+
+#include "hattn/core/kv_view.hpp"
+#include "hattn/core/problem.hpp"
+#include "hattn/core/status.hpp"
+
+namespace hattn {
+
+namespace detail {
+inline Status invalid(const char* msg) noexcept { return {StatusCode::kInvalidArgument, msg}; }
+}  // namespace detail
+
+// Shape of the problem alone (not whether a backend supports it).
+inline Status validate(const DecodeProblem& p) noexcept {
+  using detail::invalid;
+  if (p.batch_size < 0) return invalid("batch_size is negative");
+  if (p.num_kv_heads <= 0) return invalid("num_kv_heads must be positive");
+  if (p.num_q_heads <= 0) return invalid("num_q_heads must be positive");
+  if (p.num_q_heads % p.num_kv_heads != 0)
+    return invalid("num_q_heads is not a multiple of num_kv_heads");
+  if (p.head_dim <= 0) return invalid("head_dim must be positive");
+  if (p.sm_scale && !std::isfinite(*p.sm_scale)) return invalid("sm_scale is not finite");
+  return Status::ok();
+}
+
+inline Status validate(const DecodeProblem& p, const QueryView& q) noexcept {
+  using detail::invalid;
+  if (q.batch_size != p.batch_size) return invalid("query batch_size does not match the problem");
+  if (q.num_heads != p.num_q_heads) return invalid("query num_heads does not match num_q_heads");
+  if (q.head_dim != p.head_dim) return invalid("query head_dim does not match the problem");
+  if (q.dtype != p.q_dtype) return invalid("query dtype does not match the problem");
+  if (p.batch_size > 0 && q.data == nullptr) return invalid("query data is null");
+  if (q.stride_batch < 0 || q.stride_head < 0) return invalid("query strides are negative");
+  return Status::ok();
+}
+
+inline Status validate(const DecodeProblem& p, const PartialView& out) noexcept {
+  using detail::invalid;
+  if (out.batch_size != p.batch_size)
+    return invalid("output batch_size does not match the problem");
+  if (out.num_heads != p.num_q_heads) return invalid("output num_heads does not match num_q_heads");
+  if (out.head_dim != p.head_dim) return invalid("output head_dim does not match the problem");
+  if (out.dtype != p.o_dtype) return invalid("output dtype does not match the problem");
+  if (p.batch_size > 0 && (out.o == nullptr || out.lse2 == nullptr))
+    return invalid("output o or lse2 is null");
+  if (out.stride_batch < 0 || out.stride_head < 0 || out.lse_stride_batch < 0)
+    return invalid("output strides are negative");
+  return Status::ok();
+}
+
+namespace detail {
+inline Status validate_kv_common(const DecodeProblem& p, const void* k, const void* v, DType dtype,
+                                 std::int32_t heads, std::int32_t dim, std::int32_t batch,
+                                 const KvStrides& ks, const KvStrides& vs) noexcept {
+  if (batch != p.batch_size) return invalid("KV batch_size does not match the problem");
+  if (heads != p.num_kv_heads) return invalid("KV num_kv_heads does not match the problem");
+  if (dim != p.head_dim) return invalid("KV head_dim does not match the problem");
+  if (dtype != p.kv_dtype) return invalid("KV dtype does not match the problem");
+  if (k == nullptr || v == nullptr) return invalid("K or V data is null");
+  if (ks.outer < 0 || ks.token < 0 || ks.head < 0 || vs.outer < 0 || vs.token < 0 || vs.head < 0)
+    return invalid("KV strides are negative");
+  return Status::ok();
+}
+}  // namespace detail
+
+// Checks the page table too: O(batch + pages), cheap next to reading the KV.
+inline Status validate(const DecodeProblem& p, const PagedKvView& kv) noexcept {
+  using detail::invalid;
+  HATTN_RETURN_IF_ERROR(detail::validate_kv_common(p, kv.k, kv.v, kv.dtype, kv.num_kv_heads,
+                                                   kv.head_dim, kv.batch_size, kv.k_strides,
+                                                   kv.v_strides));
+  if (kv.page_size < 1) return invalid("page_size must be at least 1");
+  if (kv.num_pages < 0) return invalid("num_pages is negative");
+  if (kv.indptr == nullptr || kv.last_page_len == nullptr)
+    return invalid("page table indptr or last_page_len is null");
+  if (kv.indptr[0] < 0) return invalid("page table indptr[0] is negative");
+  for (std::int32_t b = 0; b < kv.batch_size; ++b) {
+    const std::int32_t pages = kv.indptr[b + 1] - kv.indptr[b];
+    if (pages < 0) return invalid("page table indptr decreases (negative sequence length)");
+    if (pages > 0 && (kv.last_page_len[b] < 1 || kv.last_page_len[b] > kv.page_size))
+      return invalid("last_page_len is outside 1..page_size");
+  }
+  const std::int32_t nnz = kv.indptr[kv.batch_size];
+  if (nnz > kv.indptr[0] && kv.indices == nullptr) return invalid("page table indices is null");
+  for (std::int32_t i = kv.indptr[0]; i < nnz; ++i)
+    if (kv.indices[i] < 0 || kv.indices[i] >= kv.num_pages)
+      return invalid("page index outside the pool");
+  return Status::ok();
+}
+
+inline Status validate(const DecodeProblem& p, const DenseKvView& kv) noexcept {
+  using detail::invalid;
+  HATTN_RETURN_IF_ERROR(detail::validate_kv_common(p, kv.k, kv.v, kv.dtype, kv.num_kv_heads,
+                                                   kv.head_dim, kv.batch_size, kv.k_strides,
+                                                   kv.v_strides));
+  if (p.batch_size > 0 && kv.seq_lens == nullptr) return invalid("seq_lens is null");
+  for (std::int32_t b = 0; b < kv.batch_size; ++b) {
+    if (kv.seq_lens[b] < 0) return invalid("negative sequence length");
+    if (kv.seq_lens[b] > kv.max_seq_len) return invalid("sequence length exceeds max_seq_len");
+  }
+  return Status::ok();
+}
+
+template <class Kv>
+Status validate_all(const DecodeProblem& p, const QueryView& q, const Kv& kv,
+                    const PartialView& out) noexcept {
+  HATTN_RETURN_IF_ERROR(validate(p));
+  HATTN_RETURN_IF_ERROR(validate(p, q));
+  HATTN_RETURN_IF_ERROR(validate(p, out));
+  return validate(p, kv);
+}
+
+}  // namespace hattn

@@ -1,0 +1,93 @@
+#pragma once
+// CPU dense decode attention: every query attends to every key of its
+// sequence, streaming the KV cache at memory speed.
+//
+//   DenseDecode backend;                                  // ISA picked at run time
+//   std::vector<std::byte> ws(DenseDecode::workspace_size(problem));
+//   DecodePlan plan;
+//   backend.plan(problem, kv, ws.data(), ws.size(), &plan);   // once per step
+//   backend.run(plan, q, kv, out, executor);                  // per layer, noexcept
+//
+// Work is split into (sequence, KV head, KV chunk) items whose boundaries
+// depend only on the sequence lengths, never on the thread count, and chunk
+// partials are merged in a fixed order: results are bitwise identical on any
+// number of threads.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "hattn/core/kv_view.hpp"
+#include "hattn/core/problem.hpp"
+#include "hattn/core/status.hpp"
+#include "hattn/core/supported.hpp"
+#include "hattn/cpu/executor.hpp"
+#include "hattn/cpu/isa.hpp"
+
+namespace hattn::cpu {
+
+namespace detail {
+struct WorkItem {
+  std::int32_t batch;
+  std::int32_t kv_head;
+  std::int32_t chunk;  // index of this chunk within its sequence
+  std::int32_t num_chunks;
+  std::int64_t begin;  // first token
+  std::int64_t end;    // one past the last token
+  std::int64_t slot;   // partial slot (used when num_chunks > 1)
+};
+// A (sequence, KV head) whose chunks must be merged.
+struct MergeItem {
+  std::int32_t batch;
+  std::int32_t kv_head;
+  std::int32_t num_chunks;
+  std::int64_t first_slot;
+};
+}  // namespace detail
+
+// The work decomposition of one decode step. Lives in the caller's workspace;
+// valid for every layer of the step as long as sequence lengths are unchanged.
+struct DecodePlan {
+  DecodeProblem problem{};
+  std::int64_t chunk_tokens = 0;
+  std::int64_t num_items = 0;
+  std::int64_t num_merges = 0;
+  std::int64_t total_tokens = 0;
+  detail::WorkItem* items = nullptr;
+  detail::MergeItem* merges = nullptr;
+  std::int64_t* seq_lens = nullptr;  // [batch], to check run() sees the planned lengths
+  float* partial_o = nullptr;        // [slot][group][head_dim]
+  float* partial_lse = nullptr;      // [slot][group]
+};
+
+class DenseDecode {
+ public:
+  // Smallest chunk a sequence is split into, in tokens.
+  static constexpr std::int64_t kMinChunkTokens = 512;
+  // Work items a step aims for (enough for many cores, few partials to merge).
+  static constexpr std::int64_t kTargetItems = 1024;
+
+  // Uses `isa` if this CPU supports it, else the best it does.
+  explicit DenseDecode(CpuIsa isa = cpu_isa_default()) noexcept;
+
+  CpuIsa isa() const noexcept { return isa_; }
+
+  static Status can_implement(const DecodeProblem& problem) noexcept;
+  // Bytes of workspace plan() needs for this problem, whatever the lengths.
+  static std::size_t workspace_size(const DecodeProblem& problem) noexcept;
+
+  // Split the step into work items. Reads the (host) page table or lengths.
+  template <KvView Kv>
+  Status plan(const DecodeProblem& problem, const Kv& kv, void* workspace,
+              std::size_t workspace_bytes, DecodePlan* plan) const noexcept;
+
+  // Attention for one layer: `out` gets (o, lse2). No allocation; the KV view
+  // must have the lengths the plan was made with.
+  template <KvView Kv>
+  Status run(const DecodePlan& plan, const QueryView& q, const Kv& kv, const PartialView& out,
+             const CpuExecutor& executor) const noexcept;
+
+ private:
+  CpuIsa isa_;
+};
+
+}  // namespace hattn::cpu

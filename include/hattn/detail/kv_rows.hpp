@@ -1,0 +1,104 @@
+#pragma once
+// Addressing of K/V rows (the head_dim elements of one token and head) through
+// a KV view: random access for the reference, and a cursor that walks a
+// sequence without a division per token for the kernels.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "hattn/core/kv_view.hpp"
+
+namespace hattn::detail {
+
+struct RowPtrs {
+  const std::byte* k;
+  const std::byte* v;
+};
+
+inline RowPtrs row_at(const PagedKvView& kv, std::int32_t b, std::int32_t h,
+                      std::int64_t t) noexcept {
+  const std::int64_t page = kv.indices[kv.indptr[b] + t / kv.page_size];
+  const std::int64_t off = t % kv.page_size;
+  const std::size_t es = size_of(kv.dtype);
+  const auto* k = static_cast<const std::byte*>(kv.k);
+  const auto* v = static_cast<const std::byte*>(kv.v);
+  return {k + (page * kv.k_strides.outer + off * kv.k_strides.token + h * kv.k_strides.head) * es,
+          v + (page * kv.v_strides.outer + off * kv.v_strides.token + h * kv.v_strides.head) * es};
+}
+
+inline RowPtrs row_at(const DenseKvView& kv, std::int32_t b, std::int32_t h,
+                      std::int64_t t) noexcept {
+  const std::size_t es = size_of(kv.dtype);
+  const auto* k = static_cast<const std::byte*>(kv.k);
+  const auto* v = static_cast<const std::byte*>(kv.v);
+  return {k + (b * kv.k_strides.outer + t * kv.k_strides.token + h * kv.k_strides.head) * es,
+          v + (b * kv.v_strides.outer + t * kv.v_strides.token + h * kv.v_strides.head) * es};
+}
+
+// Walks the rows of (sequence b, head h) from token t0 onwards.
+template <class View>
+class RowCursor;
+
+template <>
+class RowCursor<PagedKvView> {
+ public:
+  RowCursor(const PagedKvView& kv, std::int32_t b, std::int32_t h, std::int64_t t0) noexcept
+      : pages_(kv.indices + kv.indptr[b] + t0 / kv.page_size),
+        page_size_(kv.page_size),
+        off_(t0 % kv.page_size) {
+    const std::size_t es = size_of(kv.dtype);
+    k_ = static_cast<const std::byte*>(kv.k) + h * kv.k_strides.head * es;
+    v_ = static_cast<const std::byte*>(kv.v) + h * kv.v_strides.head * es;
+    k_page_ = kv.k_strides.outer * es;
+    v_page_ = kv.v_strides.outer * es;
+    k_tok_ = kv.k_strides.token * es;
+    v_tok_ = kv.v_strides.token * es;
+  }
+  // Fill n consecutive rows and advance past them.
+  void next(std::int32_t n, const std::byte** k, const std::byte** v) noexcept {
+    for (std::int32_t i = 0; i < n; ++i) {
+      const std::int64_t page = *pages_;
+      k[i] = k_ + page * k_page_ + off_ * k_tok_;
+      v[i] = v_ + page * v_page_ + off_ * v_tok_;
+      if (++off_ == page_size_) {
+        off_ = 0;
+        ++pages_;
+      }
+    }
+  }
+
+ private:
+  const std::int32_t* pages_;
+  std::int32_t page_size_;
+  std::int64_t off_;
+  const std::byte* k_;
+  const std::byte* v_;
+  std::int64_t k_page_, v_page_, k_tok_, v_tok_;
+};
+
+template <>
+class RowCursor<DenseKvView> {
+ public:
+  RowCursor(const DenseKvView& kv, std::int32_t b, std::int32_t h, std::int64_t t0) noexcept {
+    const RowPtrs r = row_at(kv, b, h, t0);
+    k_ = r.k;
+    v_ = r.v;
+    k_tok_ = kv.k_strides.token * static_cast<std::int64_t>(size_of(kv.dtype));
+    v_tok_ = kv.v_strides.token * static_cast<std::int64_t>(size_of(kv.dtype));
+  }
+  void next(std::int32_t n, const std::byte** k, const std::byte** v) noexcept {
+    for (std::int32_t i = 0; i < n; ++i) {
+      k[i] = k_;
+      v[i] = v_;
+      k_ += k_tok_;
+      v_ += v_tok_;
+    }
+  }
+
+ private:
+  const std::byte* k_;
+  const std::byte* v_;
+  std::int64_t k_tok_, v_tok_;
+};
+
+}  // namespace hattn::detail

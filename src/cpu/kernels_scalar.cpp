@@ -1,0 +1,76 @@
+// Portable kernel: the same blocked online softmax as the SIMD kernels, in
+// plain C++, for CPUs without AVX2 (and as a check on the others).
+#include <cmath>
+#include <cstring>
+
+#include "cpu/attend.hpp"
+
+namespace hattn::cpu::detail {
+namespace {
+
+constexpr int kBlock = 16;
+
+template <class KvT>
+float load(const std::byte* row, int d) noexcept {
+  KvT x;
+  std::memcpy(&x, row + d * sizeof(KvT), sizeof(KvT));
+  return to_float(x);
+}
+
+template <int D, class KvT>
+void attend_scalar(const AttendArgs& a) noexcept {
+  float s[kMaxGroupPerPass][kBlock];
+  float row[D];
+  for (int t0 = 0; t0 < a.n; t0 += kBlock) {
+    const int nb = a.n - t0 < kBlock ? a.n - t0 : kBlock;
+    for (int t = 0; t < nb; ++t) {
+      for (int d = 0; d < D; ++d) row[d] = load<KvT>(a.k[t0 + t], d);
+      for (int h = 0; h < a.G; ++h) {
+        float dot = 0.0f;
+        for (int d = 0; d < D; ++d) dot += a.q[h * D + d] * row[d];
+        s[h][t] = dot;
+      }
+    }
+    for (int h = 0; h < a.G; ++h) {
+      float m_new = a.m[h];
+      for (int t = 0; t < nb; ++t) m_new = s[h][t] > m_new ? s[h][t] : m_new;
+      const float alpha = std::exp2(a.m[h] - m_new);
+      float sum = 0.0f;
+      for (int t = 0; t < nb; ++t) {
+        s[h][t] = std::exp2(s[h][t] - m_new);
+        sum += s[h][t];
+      }
+      a.l[h] = a.l[h] * alpha + sum;
+      a.m[h] = m_new;
+      for (int d = 0; d < D; ++d) a.acc[h * D + d] *= alpha;
+    }
+    for (int t = 0; t < nb; ++t) {
+      for (int d = 0; d < D; ++d) row[d] = load<KvT>(a.v[t0 + t], d);
+      for (int h = 0; h < a.G; ++h)
+        for (int d = 0; d < D; ++d) a.acc[h * D + d] += s[h][t] * row[d];
+    }
+  }
+}
+
+template <int D>
+Kernel kernel_d(DType kv) noexcept {
+  switch (kv) {
+    case DType::kF32: return {&attend_scalar<D, float>, 0};
+    case DType::kF16: return {&attend_scalar<D, f16>, 0};
+    case DType::kBF16: return {&attend_scalar<D, bf16>, 0};
+  }
+  return {};
+}
+
+}  // namespace
+
+Kernel kernel_scalar(std::int32_t head_dim, DType kv) noexcept {
+  switch (head_dim) {
+    case 64: return kernel_d<64>(kv);
+    case 128: return kernel_d<128>(kv);
+    case 256: return kernel_d<256>(kv);
+    default: return {};
+  }
+}
+
+}  // namespace hattn::cpu::detail
