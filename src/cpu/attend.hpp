@@ -11,17 +11,29 @@
 
 namespace hattn::cpu::detail {
 
+// Heads of one pass: NH consecutive KV heads, each with G query heads. All
+// per-head arrays are [NH][G][...]. Row pointers address the first KV head;
+// head j's rows are `j * k_head_stride` bytes further. Walking all heads of a
+// block of rows before the next block reads a page of an HND (or NHD) pool
+// front to back, which the memory system streams far better than one head's
+// 4 KiB slice of every page.
 struct AttendArgs {
-  const float* q;             // [G][D], kernel order, scaled by scale * log2(e)
-  std::int32_t G;             // query heads sharing these rows, 1..kMaxGroupPerPass
-  const std::byte* const* k;  // n + n_ahead row pointers
+  const float* q;             // [NH][G][D], kernel order, scaled by scale * log2(e)
+  float* acc;                 // [NH][G][D], kernel order, sum of 2^(s - m) v
+  float* m;                   // [NH][G] running max of base-2 scores
+  float* l;                   // [NH][G] running sum of 2^(s - m)
+  std::int32_t NH;            // KV heads
+  std::int32_t G;             // query heads per KV head, 1..kMaxGroupPerPass
+  const std::byte* const* k;  // n + n_ahead row pointers (first KV head)
   const std::byte* const* v;
+  std::ptrdiff_t k_head_stride;  // bytes
+  std::ptrdiff_t v_head_stride;
   std::int32_t n;        // rows to attend
   std::int32_t n_ahead;  // further rows the kernel may prefetch
-  float* m;              // [G] running max of base-2 scores
-  float* l;              // [G] running sum of 2^(s - m)
-  float* acc;            // [G][D] kernel order, sum of 2^(s - m) v
 };
+
+// NH * G of one pass never exceeds this.
+inline constexpr int kMaxHeadsPerPass = 64;
 
 using AttendFn = void (*)(const AttendArgs&) noexcept;
 

@@ -19,10 +19,12 @@
 #include <xsimd/xsimd.hpp>
 
 #include <immintrin.h>
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/attend.hpp"
 
@@ -135,95 +137,145 @@ struct SimdAttend {
   static constexpr int kLoads = kNV / Load::kVecs;  // loads per row
   static constexpr int kHeadTile = 4;               // heads sharing one widened K vector
   static constexpr int kSlice = kNV < 4 ? kNV : 4;  // V vectors kept in registers per head
-  static constexpr int kPrefetchDist = 2 * W;       // rows ahead
+  static constexpr bool kPrefetch = false;
+  static constexpr int kPrefetchDist = 2 * W;  // rows ahead
   static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
   static void prefetch_rows(const AttendArgs& a, int from, int to) noexcept {
     for (int r = from; r < to; ++r)
-      for (int c = 0; c < kLinesPerRow; ++c) {
-        __builtin_prefetch(a.k[r] + 64 * c, 0, 3);
-        __builtin_prefetch(a.v[r] + 64 * c, 0, 3);
+      for (int hk = 0; hk < a.NH; ++hk)
+        for (int c = 0; c < kLinesPerRow; ++c) {
+          __builtin_prefetch(a.k[r] + hk * a.k_head_stride + 64 * c, 0, 3);
+          __builtin_prefetch(a.v[r] + hk * a.v_head_stride + 64 * c, 0, 3);
+        }
+  }
+
+  // Per-call view of one KV head's rows and state.
+  struct Head {
+    const float* q;  // [G][D]
+    float* acc;      // [G][D]
+    const std::byte* const* k;
+    const std::byte* const* v;
+    std::ptrdiff_t koff, voff;  // byte offset of this head's rows
+  };
+
+  // Scores of rows [t0, t0 + nb) for query heads [h0, h0 + HT): dots[h][t]
+  // holds the W-lane partial products of row t, reduced later.
+  template <int HT>
+  static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W]) noexcept {
+    const float* q = hd.q + h0 * D;
+    for (int t = 0; t < nb; ++t) {
+      B acc[HT];
+      for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
+      const std::byte* krow = hd.k[t0 + t] + hd.koff;
+      for (int i = 0; i < kLoads; ++i) {
+        B kv[Load::kVecs];
+        Load::load(krow, i, kv);
+        for (int j = 0; j < Load::kVecs; ++j) {
+          const int vi = i * Load::kVecs + j;
+          for (int h = 0; h < HT; ++h)
+            acc[h] = xsimd::fma(kv[j], B::load_aligned(q + h * D + vi * W), acc[h]);
+        }
       }
+      for (int h = 0; h < HT; ++h) acc[h].store_aligned(dots[h0 + h][t]);
+    }
+  }
+
+  // acc[h] = alpha[h] * acc[h] + sum_t p[h][t] v[t] for query heads
+  // [h0, h0 + HT), a slice of the head dim at a time so the accumulators stay
+  // in registers while the block's V rows stream by.
+  template <int HT>
+  static void value_tile(const Head& hd, int t0, int nb, int h0, const float (*p)[W],
+                         const float* alpha) noexcept {
+    for (int s0 = 0; s0 < kNV; s0 += kSlice) {
+      B acc[HT][kSlice];
+      for (int h = 0; h < HT; ++h) {
+        const B al(alpha[h0 + h]);
+        for (int j = 0; j < kSlice; ++j)
+          acc[h][j] = B::load_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W) * al;
+      }
+      for (int t = 0; t < nb; ++t) {
+        B vv[kSlice];
+        for (int j = 0; j < kSlice; j += Load::kVecs)
+          Load::load(hd.v[t0 + t] + hd.voff, (s0 + j) / Load::kVecs, vv + j);
+        for (int h = 0; h < HT; ++h) {
+          const B ph(p[h0 + h][t]);
+          for (int j = 0; j < kSlice; ++j) acc[h][j] = xsimd::fma(ph, vv[j], acc[h][j]);
+        }
+      }
+      for (int h = 0; h < HT; ++h)
+        for (int j = 0; j < kSlice; ++j)
+          acc[h][j].store_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W);
+    }
+  }
+
+  // Calls f(std::integral_constant<int, HT>, h0) over tiles covering [0, G).
+  template <class F>
+  static void for_each_tile(int G, F&& f) noexcept {
+    int h0 = 0;
+    for (; h0 + kHeadTile <= G; h0 += kHeadTile) f(std::integral_constant<int, kHeadTile>{}, h0);
+    switch (G - h0) {
+      case 1: f(std::integral_constant<int, 1>{}, h0); break;
+      case 2: f(std::integral_constant<int, 2>{}, h0); break;
+      case 3: f(std::integral_constant<int, 3>{}, h0); break;
+      default: break;
+    }
   }
 
   static void run(const AttendArgs& a) noexcept {
-    const int G = a.G;
-    alignas(64) float dots_mem[kMaxGroupPerPass][W][W];  // [head][row] dot-product vectors
+    const int G = a.G, NG = a.NH * a.G;
+    alignas(64) float dots[kMaxGroupPerPass][W][W];
     alignas(64) float p[kMaxGroupPerPass][W];
     float alpha[kMaxGroupPerPass];
+    float m[kMaxHeadsPerPass];
+    B lsum[kMaxHeadsPerPass];  // running sums stay vectors; reduced once per call
+    for (int i = 0; i < NG; ++i) {
+      m[i] = a.m[i];
+      alignas(64) float l0[W] = {a.l[i]};
+      lsum[i] = B::load_aligned(l0);
+    }
     const int total = a.n + a.n_ahead;
-    prefetch_rows(a, 0, total < kPrefetchDist ? total : kPrefetchDist);
+    if constexpr (kPrefetch) prefetch_rows(a, 0, total < kPrefetchDist ? total : kPrefetchDist);
 
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
-      {
+      if constexpr (kPrefetch) {
         const int pf0 = t0 + kPrefetchDist;
         const int pf1 = pf0 + W < total ? pf0 + W : total;
         prefetch_rows(a, pf0, pf1);
       }
-      // 1. scores
-      for (int h0 = 0; h0 < G; h0 += kHeadTile) {
-        const int ht = G - h0 < kHeadTile ? G - h0 : kHeadTile;
-        for (int t = 0; t < nb; ++t) {
-          B acc[kHeadTile];
-          for (int h = 0; h < kHeadTile; ++h) acc[h] = B(0.0f);
-          const std::byte* krow = a.k[t0 + t];
-          for (int i = 0; i < kLoads; ++i) {
-            B kv[Load::kVecs];
-            Load::load(krow, i, kv);
-            for (int j = 0; j < Load::kVecs; ++j) {
-              const int vi = i * Load::kVecs + j;
-              for (int h = 0; h < kHeadTile; ++h)
-                if (h < ht)
-                  acc[h] = xsimd::fma(kv[j], B::load_aligned(a.q + (h0 + h) * D + vi * W), acc[h]);
-            }
+      for (int hk = 0; hk < a.NH; ++hk) {
+        const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,  a.k, a.v,
+                      hk * a.k_head_stride, hk * a.v_head_stride};
+        float* mh = m + hk * G;
+        B* lh = lsum + hk * G;
+        for_each_tile(G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots); });
+        // Online softmax in base 2.
+        for (int h = 0; h < G; ++h) {
+          if (nb < W)
+            for (int t = nb; t < W; ++t) std::memset(dots[h][t], 0, sizeof(dots[h][t]));
+          B rows[W];
+          for (int t = 0; t < W; ++t) rows[t] = B::load_aligned(dots[h][t]);
+          B s = Ops::haddp(rows);
+          if (nb < W) s = Ops::mask_tail(s, nb);
+          const float bm = Ops::hmax(s);
+          alpha[h] = 1.0f;
+          if (bm > mh[h]) {  // rare after the first block: skip the exp2 otherwise
+            alpha[h] = std::exp2(mh[h] - bm);  // m = -inf -> 0
+            mh[h] = bm;
+            lh[h] = lh[h] * B(alpha[h]);
           }
-          for (int h = 0; h < ht; ++h) acc[h].store_aligned(dots_mem[h0 + h][t]);
+          const B pv = xsimd::exp2(s - B(mh[h]));
+          pv.store_aligned(p[h]);
+          lh[h] = lh[h] + pv;
         }
+        for_each_tile(G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha); });
       }
-      // 2. online softmax
-      for (int h = 0; h < G; ++h) {
-        B rows[W];
-        for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(dots_mem[h][t]) : B(0.0f);
-        B s = Ops::haddp(rows);
-        if (nb < W) s = Ops::mask_tail(s, nb);
-        const float m_old = a.m[h];
-        const float bm = Ops::hmax(s);
-        const float m_new = bm > m_old ? bm : m_old;
-        alpha[h] = std::exp2(m_old - m_new);  // m_old = -inf -> 0
-        const B pv = xsimd::exp2(s - B(m_new));
-        pv.store_aligned(p[h]);
-        a.l[h] = a.l[h] * alpha[h] + xsimd::hadd(pv);
-        a.m[h] = m_new;
-      }
-      // 3. values
-      for (int s0 = 0; s0 < kNV; s0 += kSlice) {
-        for (int h0 = 0; h0 < G; h0 += kHeadTile) {
-          const int ht = G - h0 < kHeadTile ? G - h0 : kHeadTile;
-          B acc[kHeadTile][kSlice];
-          for (int h = 0; h < kHeadTile; ++h) {
-            const B al(h < ht ? alpha[h0 + h] : 0.0f);
-            for (int j = 0; j < kSlice; ++j)
-              acc[h][j] =
-                  h < ht ? B::load_aligned(a.acc + (h0 + h) * D + (s0 + j) * W) * al : B(0.0f);
-          }
-          for (int t = 0; t < nb; ++t) {
-            B vv[kSlice];
-            for (int j = 0; j < kSlice; j += Load::kVecs)
-              Load::load(a.v[t0 + t], (s0 + j) / Load::kVecs, vv + j);
-            for (int h = 0; h < kHeadTile; ++h)
-              if (h < ht) {
-                const B ph(p[h0 + h][t]);
-                for (int j = 0; j < kSlice; ++j) acc[h][j] = xsimd::fma(ph, vv[j], acc[h][j]);
-              }
-          }
-          for (int h = 0; h < kHeadTile; ++h)
-            if (h < ht)
-              for (int j = 0; j < kSlice; ++j)
-                acc[h][j].store_aligned(a.acc + (h0 + h) * D + (s0 + j) * W);
-        }
-      }
+    }
+    for (int i = 0; i < NG; ++i) {
+      a.m[i] = m[i];
+      a.l[i] = xsimd::hadd(lsum[i]);
     }
   }
 };

@@ -22,15 +22,15 @@ constexpr std::size_t align_up(std::size_t x, std::size_t a) noexcept {
 }
 
 std::int64_t max_items(const DecodeProblem& p) noexcept {
-  return std::int64_t{p.batch_size} * p.num_kv_heads + DenseDecode::kTargetItems;
+  return std::int64_t{p.batch_size} + DenseDecode::kTargetItems;
 }
 
-// Carves the workspace; with base == nullptr only computes the size.
+// Carves the workspace.
 struct Layout {
-  std::size_t items, merges, seq_lens, partial_o, partial_lse, total;
+  std::size_t items, merges, seq_lens, slot_o, slot_m, slot_l, total;
   explicit Layout(const DecodeProblem& p) noexcept {
     const auto n = static_cast<std::size_t>(max_items(p));
-    const auto G = static_cast<std::size_t>(p.group_size());
+    const auto H = static_cast<std::size_t>(p.num_q_heads);
     const auto D = static_cast<std::size_t>(p.head_dim);
     std::size_t off = 0;
     auto take = [&](std::size_t bytes) {
@@ -42,8 +42,9 @@ struct Layout {
     merges =
         take(static_cast<std::size_t>(p.batch_size) * p.num_kv_heads * sizeof(detail::MergeItem));
     seq_lens = take(static_cast<std::size_t>(p.batch_size) * sizeof(std::int64_t));
-    partial_o = take(n * G * D * sizeof(float));
-    partial_lse = take(n * G * sizeof(float));
+    slot_o = take(n * H * D * sizeof(float));
+    slot_m = take(n * H * sizeof(float));
+    slot_l = take(n * H * sizeof(float));
     total = off + 64;  // room to align the base
   }
 };
@@ -89,8 +90,9 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
   pl.items = reinterpret_cast<detail::WorkItem*>(base + lay.items);
   pl.merges = reinterpret_cast<detail::MergeItem*>(base + lay.merges);
   pl.seq_lens = reinterpret_cast<std::int64_t*>(base + lay.seq_lens);
-  pl.partial_o = reinterpret_cast<float*>(base + lay.partial_o);
-  pl.partial_lse = reinterpret_cast<float*>(base + lay.partial_lse);
+  pl.slot_o = reinterpret_cast<float*>(base + lay.slot_o);
+  pl.slot_m = reinterpret_cast<float*>(base + lay.slot_m);
+  pl.slot_l = reinterpret_cast<float*>(base + lay.slot_l);
 
   const std::int32_t B = p.batch_size, Hk = p.num_kv_heads;
   for (std::int32_t b = 0; b < B; ++b) {
@@ -99,7 +101,7 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
   }
   // Chunk size from the lengths alone (never the thread count), so the
   // decomposition, and with it every rounding, is the same on any machine.
-  const std::int64_t want = (pl.total_tokens * Hk + kTargetItems - 1) / kTargetItems;
+  const std::int64_t want = (pl.total_tokens + kTargetItems - 1) / kTargetItems;
   pl.chunk_tokens = std::max<std::int64_t>(kMinChunkTokens, (want + 15) / 16 * 16);
 
   for (std::int32_t b = 0; b < B; ++b) {
@@ -107,19 +109,14 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
     std::int64_t nc = std::max<std::int64_t>(1, (len + pl.chunk_tokens - 1) / pl.chunk_tokens);
     const std::int64_t chunk = (((len + nc - 1) / nc) + 15) / 16 * 16;
     if (len > 0) nc = (len + chunk - 1) / chunk;
-    for (std::int32_t h = 0; h < Hk; ++h) {
-      if (nc > 1) pl.merges[pl.num_merges++] = {b, h, static_cast<std::int32_t>(nc), pl.num_items};
-      for (std::int64_t c = 0; c < nc; ++c) {
-        const std::int64_t begin = c * chunk;
-        pl.items[pl.num_items] = {b,
-                                  h,
-                                  static_cast<std::int32_t>(c),
-                                  static_cast<std::int32_t>(nc),
-                                  begin,
-                                  std::min(len, begin + chunk),
-                                  pl.num_items};
-        ++pl.num_items;
-      }
+    if (nc > 1)
+      for (std::int32_t h = 0; h < Hk; ++h)
+        pl.merges[pl.num_merges++] = {b, h, static_cast<std::int32_t>(nc), pl.num_items};
+    for (std::int64_t c = 0; c < nc; ++c) {
+      const std::int64_t begin = c * chunk;
+      pl.items[pl.num_items] = {b, static_cast<std::int32_t>(nc), begin,
+                                std::min(len, begin + chunk), pl.num_items};
+      ++pl.num_items;
     }
   }
   *out = pl;
@@ -128,49 +125,75 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
 
 namespace {
 
+// What every work item of a run() shares.
+struct RunContext {
+  const DecodePlan* plan;
+  const QueryView* q;
+  const PartialView* out;
+  detail::Kernel kernel;
+  std::int32_t natural[256];  // natural index of each kernel-order element
+};
+
 template <KvView Kv>
-void attend_item(const detail::WorkItem& it, const DecodePlan& pl, const QueryView& q, const Kv& kv,
-                 const PartialView& out, const detail::Kernel& kernel) noexcept {
+void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv) noexcept {
+  const DecodePlan& pl = *ctx.plan;
+  const QueryView& q = *ctx.q;
+  const PartialView& out = *ctx.out;
+  const std::int32_t* natural = ctx.natural;
   const DecodeProblem& p = pl.problem;
-  const std::int32_t G = p.group_size(), D = p.head_dim;
+  const std::int32_t G = p.group_size(), D = p.head_dim, Hk = p.num_kv_heads;
   const float qscale = p.scale() * kLog2e;
-  alignas(64) float qk[kMaxGroupPerPass * 256];
-  alignas(64) float acc[kMaxGroupPerPass * 256];
-  float m[kMaxGroupPerPass], l[kMaxGroupPerPass];
+  const std::size_t es = size_of(p.kv_dtype);
+  float* slot_o = pl.slot_o + it.slot * p.num_q_heads * D;
+  float* slot_m = pl.slot_m + it.slot * p.num_q_heads;
+  float* slot_l = pl.slot_l + it.slot * p.num_q_heads;
+  alignas(64) float qk[detail::kMaxHeadsPerPass * 256];
   const std::byte* krows[kRowsPerCall + kRowsAhead];
   const std::byte* vrows[kRowsPerCall + kRowsAhead];
 
-  for (std::int32_t g0 = 0; g0 < G; g0 += kMaxGroupPerPass) {
-    const std::int32_t gp = std::min(kMaxGroupPerPass, G - g0);
-    for (std::int32_t h = 0; h < gp; ++h) {
-      const std::int64_t qoff =
-          it.batch * q.stride_batch + (it.kv_head * G + g0 + h) * q.stride_head;
-      for (std::int32_t i = 0; i < D; ++i)
-        qk[h * D + i] =
-            load_as_float(q.data, q.dtype, qoff + detail::natural_index(i, kernel.perm_block)) *
-            qscale;
-      m[h] = -std::numeric_limits<float>::infinity();
-      l[h] = 0.0f;
-    }
-    std::memset(acc, 0, sizeof(float) * static_cast<std::size_t>(gp) * D);
+  // Passes: groups of up to 16 query heads, as many KV heads as fit in 64.
+  const std::int32_t gp_max = std::min(G, kMaxGroupPerPass);
+  const std::int32_t nh_max = G <= kMaxGroupPerPass ? std::max(1, detail::kMaxHeadsPerPass / G) : 1;
+  for (std::int32_t h0 = 0; h0 < Hk; h0 += nh_max) {
+    const std::int32_t nh = std::min(nh_max, Hk - h0);
+    for (std::int32_t g0 = 0; g0 < G; g0 += gp_max) {
+      const std::int32_t gp = std::min(gp_max, G - g0);
+      // With nh > 1 the pass covers whole groups (gp == G): heads are contiguous.
+      const std::int32_t first = h0 * G + g0;
+      for (std::int32_t j = 0; j < nh; ++j)
+        for (std::int32_t g = 0; g < gp; ++g) {
+          const std::int32_t qh = (h0 + j) * G + g0 + g;
+          const std::int64_t qoff = it.batch * q.stride_batch + qh * q.stride_head;
+          float* dst = qk + (j * gp + g) * D;
+          for (std::int32_t i = 0; i < D; ++i)
+            dst[i] = load_as_float(q.data, q.dtype, qoff + natural[i]) * qscale;
+        }
+      std::fill_n(slot_m + first, nh * gp, -std::numeric_limits<float>::infinity());
+      std::fill_n(slot_l + first, nh * gp, 0.0f);
+      std::fill_n(slot_o + std::int64_t{first} * D, std::int64_t{nh} * gp * D, 0.0f);
 
-    std::int64_t remaining = it.end - it.begin;
-    if (remaining > 0) {
-      hattn::detail::RowCursor<Kv> cursor(kv, it.batch, it.kv_head, it.begin);
+      std::int64_t remaining = it.end - it.begin;
+      if (remaining == 0) continue;
+      hattn::detail::RowCursor<Kv> cursor(kv, it.batch, h0, it.begin);
       std::int64_t filled = std::min(remaining, kRowsPerCall + kRowsAhead);
       cursor.next(static_cast<std::int32_t>(filled), krows, vrows);
+      detail::AttendArgs args{qk,
+                              slot_o + std::int64_t{first} * D,
+                              slot_m + first,
+                              slot_l + first,
+                              nh,
+                              gp,
+                              krows,
+                              vrows,
+                              static_cast<std::ptrdiff_t>(kv.k_strides.head * es),
+                              static_cast<std::ptrdiff_t>(kv.v_strides.head * es),
+                              0,
+                              0};
       while (remaining > 0) {
         const std::int64_t n = std::min(kRowsPerCall, remaining);
-        const detail::AttendArgs args{qk,
-                                      gp,
-                                      krows,
-                                      vrows,
-                                      static_cast<std::int32_t>(n),
-                                      static_cast<std::int32_t>(filled - n),
-                                      m,
-                                      l,
-                                      acc};
-        kernel.attend(args);
+        args.n = static_cast<std::int32_t>(n);
+        args.n_ahead = static_cast<std::int32_t>(filled - n);
+        ctx.kernel.attend(args);
         remaining -= n;
         filled -= n;
         std::memmove(krows, krows + n, sizeof(krows[0]) * static_cast<std::size_t>(filled));
@@ -182,49 +205,52 @@ void attend_item(const detail::WorkItem& it, const DecodePlan& pl, const QueryVi
         }
       }
     }
+  }
 
-    for (std::int32_t h = 0; h < gp; ++h) {
-      const std::int32_t qh = it.kv_head * G + g0 + h;
-      const bool empty = l[h] == 0.0f;
-      const float inv = empty ? 0.0f : 1.0f / l[h];
-      const float lse = empty ? -std::numeric_limits<float>::infinity() : m[h] + std::log2(l[h]);
-      if (it.num_chunks > 1) {
-        float* po = pl.partial_o + (it.slot * G + g0 + h) * D;
-        for (std::int32_t i = 0; i < D; ++i)
-          po[detail::natural_index(i, kernel.perm_block)] = acc[h * D + i] * inv;
-        pl.partial_lse[it.slot * G + g0 + h] = lse;
-      } else {
-        const std::int64_t ooff = it.batch * out.stride_batch + qh * out.stride_head;
-        for (std::int32_t i = 0; i < D; ++i)
-          store_from_float(out.o, out.dtype, ooff + detail::natural_index(i, kernel.perm_block),
-                           acc[h * D + i] * inv);
-        out.lse2[it.batch * out.lse_stride_batch + qh] = lse;
-      }
+  // Normalize. A split sequence keeps (o in natural order, lse2) in its slot
+  // for the merge; an unsplit one writes the output directly.
+  float tmp[256];
+  for (std::int32_t qh = 0; qh < p.num_q_heads; ++qh) {
+    const float l = slot_l[qh];
+    const bool empty = l == 0.0f;
+    const float inv = empty ? 0.0f : 1.0f / l;
+    const float lse = empty ? -std::numeric_limits<float>::infinity() : slot_m[qh] + std::log2(l);
+    float* acc = slot_o + std::int64_t{qh} * D;
+    for (std::int32_t i = 0; i < D; ++i) tmp[natural[i]] = acc[i] * inv;
+    if (it.num_chunks > 1) {
+      std::copy_n(tmp, D, acc);
+      slot_m[qh] = lse;  // the merge reads lse2 from here
+    } else {
+      const std::int64_t ooff = it.batch * out.stride_batch + qh * out.stride_head;
+      for (std::int32_t d = 0; d < D; ++d) store_from_float(out.o, out.dtype, ooff + d, tmp[d]);
+      out.lse2[it.batch * out.lse_stride_batch + qh] = lse;
     }
   }
 }
 
-// Merges a sequence's chunk partials in chunk order (fixed: deterministic).
+// Merges the chunk partials of one (sequence, KV head) in chunk order (fixed:
+// deterministic).
 void merge_item(const detail::MergeItem& mi, const DecodePlan& pl,
                 const PartialView& out) noexcept {
   const std::int32_t G = pl.problem.group_size(), D = pl.problem.head_dim;
+  const std::int64_t H = pl.problem.num_q_heads;
   float w[DenseDecode::kTargetItems + 1];  // chunks per sequence never exceed this
   for (std::int32_t g = 0; g < G; ++g) {
     const std::int32_t qh = mi.kv_head * G + g;
+    auto lse_of = [&](std::int32_t c) { return pl.slot_m[(mi.first_slot + c) * H + qh]; };
     float mx = -std::numeric_limits<float>::infinity();
-    for (std::int32_t c = 0; c < mi.num_chunks; ++c)
-      mx = std::max(mx, pl.partial_lse[(mi.first_slot + c) * G + g]);
-    const std::int64_t ooff = mi.batch * out.stride_batch + qh * out.stride_head;
+    for (std::int32_t c = 0; c < mi.num_chunks; ++c) mx = std::max(mx, lse_of(c));
     float sum = 0.0f;
     for (std::int32_t c = 0; c < mi.num_chunks; ++c) {
-      w[c] = std::exp2(pl.partial_lse[(mi.first_slot + c) * G + g] - mx);
+      w[c] = std::exp2(lse_of(c) - mx);
       sum += w[c];
     }
     const float inv = 1.0f / sum;
+    const std::int64_t ooff = mi.batch * out.stride_batch + qh * out.stride_head;
     for (std::int32_t d = 0; d < D; ++d) {
       float o = 0.0f;
       for (std::int32_t c = 0; c < mi.num_chunks; ++c)
-        o += w[c] * pl.partial_o[((mi.first_slot + c) * G + g) * D + d];
+        o += w[c] * pl.slot_o[((mi.first_slot + c) * H + qh) * D + d];
       store_from_float(out.o, out.dtype, ooff + d, o * inv);
     }
     out.lse2[mi.batch * out.lse_stride_batch + qh] = mx + std::log2(sum);
@@ -244,11 +270,13 @@ Status DenseDecode::run(const DecodePlan& pl, const QueryView& q, const Kv& kv,
   for (std::int32_t b = 0; b < p.batch_size; ++b)
     if (kv.seq_len(b) != pl.seq_lens[b])
       return {StatusCode::kInvalidArgument, "run: sequence lengths differ from the plan's"};
-  const detail::Kernel kernel = detail::kernel_for(isa_, p.head_dim, p.kv_dtype);
-  if (kernel.attend == nullptr) return {StatusCode::kInternal, "no kernel for this configuration"};
+  RunContext ctx{&pl, &q, &out, detail::kernel_for(isa_, p.head_dim, p.kv_dtype), {}};
+  if (ctx.kernel.attend == nullptr)
+    return {StatusCode::kInternal, "no kernel for this configuration"};
+  for (std::int32_t i = 0; i < p.head_dim; ++i)
+    ctx.natural[i] = detail::natural_index(i, ctx.kernel.perm_block);
 
-  executor.parallel_for(pl.num_items,
-                        [&](std::int64_t i) { attend_item(pl.items[i], pl, q, kv, out, kernel); });
+  executor.parallel_for(pl.num_items, [&](std::int64_t i) { attend_item(pl.items[i], ctx, kv); });
   executor.parallel_for(pl.num_merges, [&](std::int64_t i) { merge_item(pl.merges[i], pl, out); });
   return Status::ok();
 }

@@ -8,10 +8,10 @@
 //   backend.plan(problem, kv, ws.data(), ws.size(), &plan);   // once per step
 //   backend.run(plan, q, kv, out, executor);                  // per layer, noexcept
 //
-// Work is split into (sequence, KV head, KV chunk) items whose boundaries
-// depend only on the sequence lengths, never on the thread count, and chunk
-// partials are merged in a fixed order: results are bitwise identical on any
-// number of threads.
+// Work is split into (sequence, KV chunk) items, each attending every head so
+// that pages are read front to back. Chunk boundaries depend only on the
+// sequence lengths, never on the thread count, and chunk partials are merged
+// in a fixed order: results are bitwise identical on any number of threads.
 
 #include <cstddef>
 #include <cstdint>
@@ -26,16 +26,15 @@
 namespace hattn::cpu {
 
 namespace detail {
+// A chunk of one sequence's tokens, attended for every head.
 struct WorkItem {
   std::int32_t batch;
-  std::int32_t kv_head;
-  std::int32_t chunk;  // index of this chunk within its sequence
-  std::int32_t num_chunks;
-  std::int64_t begin;  // first token
-  std::int64_t end;    // one past the last token
-  std::int64_t slot;   // partial slot (used when num_chunks > 1)
+  std::int32_t num_chunks;  // chunks of this sequence
+  std::int64_t begin;       // first token
+  std::int64_t end;         // one past the last token
+  std::int64_t slot;        // this item's state in the workspace
 };
-// A (sequence, KV head) whose chunks must be merged.
+// A (sequence, KV head) whose chunk partials must be merged.
 struct MergeItem {
   std::int32_t batch;
   std::int32_t kv_head;
@@ -55,8 +54,9 @@ struct DecodePlan {
   detail::WorkItem* items = nullptr;
   detail::MergeItem* merges = nullptr;
   std::int64_t* seq_lens = nullptr;  // [batch], to check run() sees the planned lengths
-  float* partial_o = nullptr;        // [slot][group][head_dim]
-  float* partial_lse = nullptr;      // [slot][group]
+  float* slot_o = nullptr;           // [slot][num_q_heads][head_dim]
+  float* slot_m = nullptr;           // [slot][num_q_heads]
+  float* slot_l = nullptr;           // [slot][num_q_heads]
 };
 
 class DenseDecode {
@@ -64,7 +64,7 @@ class DenseDecode {
   // Smallest chunk a sequence is split into, in tokens.
   static constexpr std::int64_t kMinChunkTokens = 512;
   // Work items a step aims for (enough for many cores, few partials to merge).
-  static constexpr std::int64_t kTargetItems = 1024;
+  static constexpr std::int64_t kTargetItems = 256;
 
   // Uses `isa` if this CPU supports it, else the best it does.
   explicit DenseDecode(CpuIsa isa = cpu_isa_default()) noexcept;
