@@ -135,7 +135,12 @@ struct SimdAttend {
   static constexpr int W = static_cast<int>(B::size);
   static constexpr int kNV = D / W;                 // f32 vectors per row
   static constexpr int kLoads = kNV / Load::kVecs;  // loads per row
-  static constexpr int kHeadTile = 4;               // heads sharing one widened K vector
+  static constexpr int kHeadTile = 4;               // heads sharing one widened V (and K) vector
+  // With 32 vector registers the score phase keeps whole query rows in
+  // registers (no reload of q per key row): as many heads as fit in 16.
+  static constexpr bool kQInRegs = W == 16;
+  static constexpr int kScoreTile =
+      kQInRegs ? (16 / kNV > 4 ? 4 : (16 / kNV < 1 ? 1 : 16 / kNV)) : kHeadTile;
   static constexpr int kSlice = kNV < 4 ? kNV : 4;  // V vectors kept in registers per head
   static constexpr bool kPrefetch = false;
   static constexpr int kPrefetchDist = 2 * W;  // rows ahead
@@ -165,6 +170,25 @@ struct SimdAttend {
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W]) noexcept {
     const float* q = hd.q + h0 * D;
+    if constexpr (kQInRegs && HT * kNV <= 16) {
+      B qr[HT][kNV];
+      for (int h = 0; h < HT; ++h)
+        for (int i = 0; i < kNV; ++i) qr[h][i] = B::load_aligned(q + h * D + i * W);
+      for (int t = 0; t < nb; ++t) {
+        B acc[HT];
+        for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
+        const std::byte* krow = hd.k[t0 + t] + hd.koff;
+        for (int i = 0; i < kLoads; ++i) {
+          B kv[Load::kVecs];
+          Load::load(krow, i, kv);
+          for (int j = 0; j < Load::kVecs; ++j)
+            for (int h = 0; h < HT; ++h)
+              acc[h] = xsimd::fma(kv[j], qr[h][i * Load::kVecs + j], acc[h]);
+        }
+        for (int h = 0; h < HT; ++h) acc[h].store_aligned(dots[h0 + h][t]);
+      }
+      return;
+    }
     for (int t = 0; t < nb; ++t) {
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
@@ -210,17 +234,19 @@ struct SimdAttend {
     }
   }
 
-  // Calls f(std::integral_constant<int, HT>, h0) over tiles covering [0, G).
-  template <class F>
+  // Calls f(std::integral_constant<int, HT>, h0) over tiles of up to Tile
+  // heads covering [0, G).
+  template <int Tile, class F>
   static void for_each_tile(int G, F&& f) noexcept {
     int h0 = 0;
-    for (; h0 + kHeadTile <= G; h0 += kHeadTile) f(std::integral_constant<int, kHeadTile>{}, h0);
-    switch (G - h0) {
-      case 1: f(std::integral_constant<int, 1>{}, h0); break;
-      case 2: f(std::integral_constant<int, 2>{}, h0); break;
-      case 3: f(std::integral_constant<int, 3>{}, h0); break;
-      default: break;
-    }
+    for (; h0 + Tile <= G; h0 += Tile) f(std::integral_constant<int, Tile>{}, h0);
+    const int rest = G - h0;
+    if constexpr (Tile > 1)
+      if (rest == 1) f(std::integral_constant<int, 1>{}, h0);
+    if constexpr (Tile > 2)
+      if (rest == 2) f(std::integral_constant<int, 2>{}, h0);
+    if constexpr (Tile > 3)
+      if (rest == 3) f(std::integral_constant<int, 3>{}, h0);
   }
 
   static void run(const AttendArgs& a) noexcept {
@@ -250,7 +276,8 @@ struct SimdAttend {
                       hk * a.k_head_stride, hk * a.v_head_stride};
         float* mh = m + hk * G;
         B* lh = lsum + hk * G;
-        for_each_tile(G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots); });
+        for_each_tile<kScoreTile>(
+            G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots); });
         // Online softmax in base 2.
         for (int h = 0; h < G; ++h) {
           if (nb < W)
@@ -270,7 +297,8 @@ struct SimdAttend {
           pv.store_aligned(p[h]);
           lh[h] = lh[h] + pv;
         }
-        for_each_tile(G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha); });
+        for_each_tile<kHeadTile>(
+            G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha); });
       }
     }
     for (int i = 0; i < NG; ++i) {
