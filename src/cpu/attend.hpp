@@ -37,28 +37,43 @@ inline constexpr int kMaxHeadsPerPass = 64;
 
 using AttendFn = void (*)(const AttendArgs&) noexcept;
 
-// A kernel for one (ISA, head dim, KV dtype). Kernels may keep head-dim
-// elements in a permuted "kernel order": within each block of `perm_block`
-// elements, the even elements come first, then the odd ones (0: natural).
+// Where kernels keep head-dim element i ("kernel order") of q and of the
+// accumulators, within each block of `order_block` elements:
+//   kNatural:     element i
+//   kEvenOdd:     the even elements first, then the odd ones (bf16 widened by
+//                 shift and mask: no shuffles)
+//   kUnpackPairs: per 128-bit lane of 8 elements, the low 4 then the high 4
+//                 (the lanes of unpacklo/hi_epi16 of two rows)
+enum class Order : std::uint8_t { kNatural, kEvenOdd, kUnpackPairs };
+
+// A kernel for one (ISA, head dim, KV dtype, precision).
 struct Kernel {
   AttendFn attend = nullptr;
-  std::int32_t perm_block = 0;
+  Order q_order = Order::kNatural;
+  Order acc_order = Order::kNatural;
+  std::int32_t order_block = 0;
 };
 
 // Index in natural order of kernel-order element i.
-constexpr std::int32_t natural_index(std::int32_t i, std::int32_t perm_block) noexcept {
-  if (perm_block == 0) return i;
-  const std::int32_t base = i / perm_block * perm_block, j = i % perm_block, half = perm_block / 2;
-  return base + (j < half ? 2 * j : 2 * (j - half) + 1);
+constexpr std::int32_t natural_index(std::int32_t i, Order order, std::int32_t block) noexcept {
+  if (order == Order::kNatural) return i;
+  const std::int32_t base = i / block * block, j = i % block, half = block / 2;
+  if (order == Order::kEvenOdd) return base + (j < half ? 2 * j : 2 * (j - half) + 1);
+  // kUnpackPairs: j < half comes from unpacklo (elements 8L + 0..3), the rest
+  // from unpackhi (8L + 4..7), L = 128-bit lane.
+  const std::int32_t k = j < half ? j : j - half;
+  return base + 8 * (k / 4) + (j < half ? 0 : 4) + k % 4;
 }
 
 Kernel kernel_scalar(std::int32_t head_dim, DType kv) noexcept;
 Kernel kernel_avx2(std::int32_t head_dim, DType kv) noexcept;
-Kernel kernel_avx512(std::int32_t head_dim, DType kv) noexcept;
+// bf16_products: use AVX512_BF16 dot products (q and the softmax weights
+// rounded to bf16) for bf16 KV. The caller checks the CPU has them.
+Kernel kernel_avx512(std::int32_t head_dim, DType kv, bool bf16_products) noexcept;
 
-inline Kernel kernel_for(CpuIsa isa, std::int32_t head_dim, DType kv) noexcept {
+inline Kernel kernel_for(CpuIsa isa, std::int32_t head_dim, DType kv, bool bf16_products) noexcept {
   switch (isa) {
-    case CpuIsa::kAvx512: return kernel_avx512(head_dim, kv);
+    case CpuIsa::kAvx512: return kernel_avx512(head_dim, kv, bf16_products);
     case CpuIsa::kAvx2: return kernel_avx2(head_dim, kv);
     case CpuIsa::kScalar: break;
   }

@@ -98,7 +98,7 @@ template <class A>
 struct RowLoad<A, float> {
   using B = xsimd::batch<float, A>;
   static constexpr int kVecs = 1;
-  static constexpr int kPermBlock = 0;
+  static constexpr Order kOrder = Order::kNatural;
   static void load(const std::byte* row, int i, B* out) noexcept {
     out[0] = B::load_unaligned(reinterpret_cast<const float*>(row) + i * B::size);
   }
@@ -108,7 +108,7 @@ template <class A>
 struct RowLoad<A, f16> {
   using B = xsimd::batch<float, A>;
   static constexpr int kVecs = 1;
-  static constexpr int kPermBlock = 0;
+  static constexpr Order kOrder = Order::kNatural;
   static void load(const std::byte* row, int i, B* out) noexcept {
     out[0] = SimdOps<A>::load_f16(row + i * B::size * 2);
   }
@@ -119,7 +119,7 @@ struct RowLoad<A, bf16> {
   using B = xsimd::batch<float, A>;
   using U = xsimd::batch<std::uint32_t, A>;
   static constexpr int kVecs = 2;
-  static constexpr int kPermBlock = 2 * B::size;
+  static constexpr Order kOrder = Order::kEvenOdd;
   static void load(const std::byte* row, int i, B* out) noexcept {
     const U x = U::load_unaligned(reinterpret_cast<const std::uint32_t*>(row) + i * B::size);
     out[0] = xsimd::bitwise_cast<B>(x << 16);
@@ -310,12 +310,19 @@ struct SimdAttend {
 
 // A plain switch, not hattn::dispatch: an ISA TU must not instantiate
 // anything a baseline TU could also instantiate (see kernels_avx512.cpp).
+template <class A, int D, class KvT>
+Kernel simd_kernel_of() noexcept {
+  constexpr Order o = RowLoad<A, KvT>::kOrder;
+  return {&SimdAttend<A, D, KvT>::run, o, o,
+          2 * static_cast<std::int32_t>(xsimd::batch<float, A>::size)};
+}
+
 template <class A, int D>
 Kernel simd_kernel_d(DType kv) noexcept {
   switch (kv) {
-    case DType::kF32: return {&SimdAttend<A, D, float>::run, RowLoad<A, float>::kPermBlock};
-    case DType::kF16: return {&SimdAttend<A, D, f16>::run, RowLoad<A, f16>::kPermBlock};
-    case DType::kBF16: return {&SimdAttend<A, D, bf16>::run, RowLoad<A, bf16>::kPermBlock};
+    case DType::kF32: return simd_kernel_of<A, D, float>();
+    case DType::kF16: return simd_kernel_of<A, D, f16>();
+    case DType::kBF16: return simd_kernel_of<A, D, bf16>();
   }
   return {};
 }

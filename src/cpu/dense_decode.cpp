@@ -51,8 +51,13 @@ struct Layout {
 
 }  // namespace
 
-DenseDecode::DenseDecode(CpuIsa isa) noexcept
-    : isa_(cpu_isa_available(isa) ? isa : cpu_isa_supported()) {}
+DenseDecode::DenseDecode(CpuIsa isa, Precision precision) noexcept
+    : isa_(cpu_isa_available(isa) ? isa : cpu_isa_supported()), precision_(precision) {}
+
+bool DenseDecode::uses_bf16_products(DType kv_dtype) const noexcept {
+  return precision_ == Precision::kBf16Products && kv_dtype == DType::kBF16 &&
+         isa_ == CpuIsa::kAvx512 && cpu_has_avx512_bf16();
+}
 
 Status DenseDecode::can_implement(const DecodeProblem& p) noexcept {
   HATTN_RETURN_IF_ERROR(validate(p));
@@ -131,7 +136,8 @@ struct RunContext {
   const QueryView* q;
   const PartialView* out;
   detail::Kernel kernel;
-  std::int32_t natural[256];  // natural index of each kernel-order element
+  std::int32_t natural[256];    // natural index of each kernel-order accumulator element
+  std::int32_t q_natural[256];  // the same for q
 };
 
 template <KvView Kv>
@@ -166,7 +172,7 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
           const std::int64_t qoff = it.batch * q.stride_batch + qh * q.stride_head;
           float* dst = qk + (j * gp + g) * D;
           for (std::int32_t i = 0; i < D; ++i)
-            dst[i] = load_as_float(q.data, q.dtype, qoff + natural[i]) * qscale;
+            dst[i] = load_as_float(q.data, q.dtype, qoff + ctx.q_natural[i]) * qscale;
         }
       std::fill_n(slot_m + first, nh * gp, -std::numeric_limits<float>::infinity());
       std::fill_n(slot_l + first, nh * gp, 0.0f);
@@ -270,11 +276,16 @@ Status DenseDecode::run(const DecodePlan& pl, const QueryView& q, const Kv& kv,
   for (std::int32_t b = 0; b < p.batch_size; ++b)
     if (kv.seq_len(b) != pl.seq_lens[b])
       return {StatusCode::kInvalidArgument, "run: sequence lengths differ from the plan's"};
-  RunContext ctx{&pl, &q, &out, detail::kernel_for(isa_, p.head_dim, p.kv_dtype), {}};
+  RunContext ctx{
+      &pl,  &q,
+      &out, detail::kernel_for(isa_, p.head_dim, p.kv_dtype, uses_bf16_products(p.kv_dtype)),
+      {},   {}};
   if (ctx.kernel.attend == nullptr)
     return {StatusCode::kInternal, "no kernel for this configuration"};
-  for (std::int32_t i = 0; i < p.head_dim; ++i)
-    ctx.natural[i] = detail::natural_index(i, ctx.kernel.perm_block);
+  for (std::int32_t i = 0; i < p.head_dim; ++i) {
+    ctx.natural[i] = detail::natural_index(i, ctx.kernel.acc_order, ctx.kernel.order_block);
+    ctx.q_natural[i] = detail::natural_index(i, ctx.kernel.q_order, ctx.kernel.order_block);
+  }
 
   executor.parallel_for(pl.num_items, [&](std::int64_t i) { attend_item(pl.items[i], ctx, kv); });
   executor.parallel_for(pl.num_merges, [&](std::int64_t i) { merge_item(pl.merges[i], pl, out); });

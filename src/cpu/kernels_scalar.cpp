@@ -64,9 +64,9 @@ void attend_scalar(const AttendArgs& a) noexcept {
 template <int D>
 Kernel kernel_d(DType kv) noexcept {
   switch (kv) {
-    case DType::kF32: return {&attend_scalar<D, float>, 0};
-    case DType::kF16: return {&attend_scalar<D, f16>, 0};
-    case DType::kBF16: return {&attend_scalar<D, bf16>, 0};
+    case DType::kF32: return {&attend_scalar<D, float>};
+    case DType::kF16: return {&attend_scalar<D, f16>};
+    case DType::kBF16: return {&attend_scalar<D, bf16>};
   }
   return {};
 }

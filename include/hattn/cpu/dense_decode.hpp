@@ -66,10 +66,24 @@ class DenseDecode {
   // Work items a step aims for (enough for many cores, few partials to merge).
   static constexpr std::int64_t kTargetItems = 256;
 
+  // How the products q.k and p.v are formed. Accumulation is f32 either way.
+  enum class Precision : std::uint8_t {
+    kF32,  // f32 products: matches the double reference to f32 rounding
+    // bf16 KV on CPUs with AVX512_BF16: q and the softmax weights are rounded
+    // to bf16 and multiplied with bf16 dot-product instructions, as GPU
+    // tensor-core kernels do (twice the arithmetic rate; relative error
+    // about 2^-8). Other cases use kF32.
+    kBf16Products,
+  };
+
   // Uses `isa` if this CPU supports it, else the best it does.
-  explicit DenseDecode(CpuIsa isa = cpu_isa_default()) noexcept;
+  explicit DenseDecode(CpuIsa isa = cpu_isa_default(),
+                       Precision precision = Precision::kF32) noexcept;
 
   CpuIsa isa() const noexcept { return isa_; }
+  Precision precision() const noexcept { return precision_; }
+  // Whether run() on KV of this dtype uses bf16 dot products.
+  bool uses_bf16_products(DType kv_dtype) const noexcept;
 
   static Status can_implement(const DecodeProblem& problem) noexcept;
   // Bytes of workspace plan() needs for this problem, whatever the lengths.
@@ -88,6 +102,7 @@ class DenseDecode {
 
  private:
   CpuIsa isa_;
+  Precision precision_;
 };
 
 }  // namespace hattn::cpu
