@@ -390,6 +390,9 @@ struct DenseCase {
   hattn::DType kv_dtype;
   std::int64_t kv_len;
   std::int32_t batch;
+  // kBf16Products cases are named cpu_dense_bf16products/...: the opt-in
+  // mode that rounds q and the softmax weights to bf16 (AVX512_BF16 CPUs).
+  hattn::cpu::DenseDecode::Precision precision = hattn::cpu::DenseDecode::Precision::kF32;
 
   std::size_t kv_bytes() const noexcept {
     return 2 * static_cast<std::size_t>(kv_len) * static_cast<std::size_t>(batch) * kKvHeads *
@@ -399,8 +402,10 @@ struct DenseCase {
     return std::max<std::size_t>(1, (kRotationBytes + kv_bytes() - 1) / kv_bytes());
   }
   std::string name() const {
-    return "cpu_dense/" + std::string(hattn::to_string(kv_dtype)) +
-           "/kv:" + std::to_string(kv_len) + "/bs:" + std::to_string(batch);
+    const bool bf16p = precision == hattn::cpu::DenseDecode::Precision::kBf16Products;
+    return (bf16p ? "cpu_dense_bf16products/" : "cpu_dense/") +
+           std::string(hattn::to_string(kv_dtype)) + "/kv:" + std::to_string(kv_len) +
+           "/bs:" + std::to_string(batch);
   }
   hattn::DecodeProblem problem() const {
     hattn::DecodeProblem p;
@@ -432,6 +437,7 @@ struct DenseFixture final : Fixture {
 std::unique_ptr<Fixture> make_dense_fixture(const DenseCase& c) {
   const auto t_start = Clock::now();
   auto fx = std::make_unique<DenseFixture>();
+  fx->backend = hattn::cpu::DenseDecode(hattn::cpu_isa_default(), c.precision);
   const std::size_t sets = c.num_sets();
   const std::size_t phys = physical_memory_bytes();
   if (phys != 0 && sets * c.kv_bytes() > phys / 10 * 8) {
@@ -544,7 +550,8 @@ void bm_cpu_dense(benchmark::State& state, const DenseCase& c) {
     state.SkipWithError(fx->error.c_str());
     return;
   }
-  state.SetLabel(std::string(hattn::to_string(fx->backend.isa())));
+  state.SetLabel(std::string(hattn::to_string(fx->backend.isa())) +
+                 (fx->backend.uses_bf16_products(c.kv_dtype) ? "+bf16products" : ""));
 
   const hattn::CpuExecutor& ex = executor();
   const std::size_t sets = fx->plans.size();
@@ -607,6 +614,17 @@ void register_benchmarks() {
                    })->Unit(benchmark::kMicrosecond);
         if (real_time) bm->UseRealTime();
       }
+  // The opt-in bf16-products mode, for bf16 KV.
+  for (std::int64_t n : kLens)
+    for (std::int32_t b : kBatches) {
+      const DenseCase c{hattn::DType::kBF16, n, b,
+                        hattn::cpu::DenseDecode::Precision::kBf16Products};
+      if (c.kv_bytes() > kMaxKvBytes) continue;
+      auto* bm = benchmark::RegisterBenchmark(c.name().c_str(), [c](benchmark::State& st) {
+                   bm_cpu_dense(st, c);
+                 })->Unit(benchmark::kMicrosecond);
+      if (real_time) bm->UseRealTime();
+    }
 }
 
 }  // namespace
