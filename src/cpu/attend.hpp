@@ -24,12 +24,11 @@ struct AttendArgs {
   float* l;                   // [NH][G] running sum of 2^(s - m)
   std::int32_t NH;            // KV heads
   std::int32_t G;             // query heads per KV head, 1..kMaxGroupPerPass
-  const std::byte* const* k;  // n + n_ahead row pointers (first KV head)
+  const std::byte* const* k;  // n row pointers (first KV head)
   const std::byte* const* v;
   std::ptrdiff_t k_head_stride;  // bytes
   std::ptrdiff_t v_head_stride;
-  std::int32_t n;        // rows to attend
-  std::int32_t n_ahead;  // further rows the kernel may prefetch
+  std::int32_t n;  // rows to attend
 };
 
 // NH * G of one pass never exceeds this.

@@ -127,7 +127,7 @@ struct RowLoad<A, bf16> {
   }
 };
 
-template <class A, int D, class KvT>
+template <class A, int D, class KvT, int kSliceMax = 8>
 struct SimdAttend {
   using B = xsimd::batch<float, A>;
   using Ops = SimdOps<A>;
@@ -135,26 +135,16 @@ struct SimdAttend {
   static constexpr int W = static_cast<int>(B::size);
   static constexpr int kNV = D / W;                 // f32 vectors per row
   static constexpr int kLoads = kNV / Load::kVecs;  // loads per row
-  static constexpr int kHeadTile = 4;               // heads sharing one widened V (and K) vector
+  // V vectors per head kept in registers while a block's rows stream by, and
+  // heads per V tile: 16 accumulators in all (with 32 registers).
+  static constexpr int kSlice = kNV < kSliceMax ? kNV : kSliceMax;
+  static constexpr int kHeadTile = W == 16 ? (16 / kSlice < 4 ? 16 / kSlice : 4) : 4;
   // With 32 vector registers the score phase keeps whole query rows in
   // registers (no reload of q per key row): as many heads as fit in 16.
   static constexpr bool kQInRegs = W == 16;
   static constexpr int kScoreTile =
       kQInRegs ? (16 / kNV > 4 ? 4 : (16 / kNV < 1 ? 1 : 16 / kNV)) : kHeadTile;
-  static constexpr int kSlice = kNV < 4 ? kNV : 4;  // V vectors kept in registers per head
-  static constexpr bool kPrefetch = false;
-  static constexpr int kPrefetchDist = 2 * W;  // rows ahead
-  static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
-
-  static void prefetch_rows(const AttendArgs& a, int from, int to) noexcept {
-    for (int r = from; r < to; ++r)
-      for (int hk = 0; hk < a.NH; ++hk)
-        for (int c = 0; c < kLinesPerRow; ++c) {
-          __builtin_prefetch(a.k[r] + hk * a.k_head_stride + 64 * c, 0, 3);
-          __builtin_prefetch(a.v[r] + hk * a.v_head_stride + 64 * c, 0, 3);
-        }
-  }
 
   // Per-call view of one KV head's rows and state.
   struct Head {
@@ -261,16 +251,9 @@ struct SimdAttend {
       alignas(64) float l0[W] = {a.l[i]};
       lsum[i] = B::load_aligned(l0);
     }
-    const int total = a.n + a.n_ahead;
-    if constexpr (kPrefetch) prefetch_rows(a, 0, total < kPrefetchDist ? total : kPrefetchDist);
 
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
-      if constexpr (kPrefetch) {
-        const int pf0 = t0 + kPrefetchDist;
-        const int pf1 = pf0 + W < total ? pf0 + W : total;
-        prefetch_rows(a, pf0, pf1);
-      }
       for (int hk = 0; hk < a.NH; ++hk) {
         const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,  a.k, a.v,
                       hk * a.k_head_stride, hk * a.v_head_stride};

@@ -15,7 +15,6 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr std::int64_t kRowsPerCall = 256;  // rows handed to a kernel at once
-constexpr std::int64_t kRowsAhead = 64;     // further rows it may prefetch
 
 constexpr std::size_t align_up(std::size_t x, std::size_t a) noexcept {
   return (x + a - 1) / a * a;
@@ -154,8 +153,8 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
   float* slot_m = pl.slot_m + it.slot * p.num_q_heads;
   float* slot_l = pl.slot_l + it.slot * p.num_q_heads;
   alignas(64) float qk[detail::kMaxHeadsPerPass * 256];
-  const std::byte* krows[kRowsPerCall + kRowsAhead];
-  const std::byte* vrows[kRowsPerCall + kRowsAhead];
+  const std::byte* krows[kRowsPerCall];
+  const std::byte* vrows[kRowsPerCall];
 
   // Passes: groups of up to 16 query heads, as many KV heads as fit in 64.
   const std::int32_t gp_max = std::min(G, kMaxGroupPerPass);
@@ -181,8 +180,6 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
       std::int64_t remaining = it.end - it.begin;
       if (remaining == 0) continue;
       hattn::detail::RowCursor<Kv> cursor(kv, it.batch, h0, it.begin);
-      std::int64_t filled = std::min(remaining, kRowsPerCall + kRowsAhead);
-      cursor.next(static_cast<std::int32_t>(filled), krows, vrows);
       detail::AttendArgs args{qk,
                               slot_o + std::int64_t{first} * D,
                               slot_m + first,
@@ -193,22 +190,13 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
                               vrows,
                               static_cast<std::ptrdiff_t>(kv.k_strides.head * es),
                               static_cast<std::ptrdiff_t>(kv.v_strides.head * es),
-                              0,
                               0};
       while (remaining > 0) {
         const std::int64_t n = std::min(kRowsPerCall, remaining);
+        cursor.next(static_cast<std::int32_t>(n), krows, vrows);
         args.n = static_cast<std::int32_t>(n);
-        args.n_ahead = static_cast<std::int32_t>(filled - n);
         ctx.kernel.attend(args);
         remaining -= n;
-        filled -= n;
-        std::memmove(krows, krows + n, sizeof(krows[0]) * static_cast<std::size_t>(filled));
-        std::memmove(vrows, vrows + n, sizeof(vrows[0]) * static_cast<std::size_t>(filled));
-        const std::int64_t more = std::min(kRowsPerCall + kRowsAhead - filled, remaining - filled);
-        if (more > 0) {
-          cursor.next(static_cast<std::int32_t>(more), krows + filled, vrows + filled);
-          filled += more;
-        }
       }
     }
   }

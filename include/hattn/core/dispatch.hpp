@@ -3,6 +3,7 @@
 // ValueList. The same lists (core/supported.hpp) drive can_implement, explicit
 // instantiation, tests and benchmarks, so "supported" means one thing.
 
+#include <cstddef>
 #include <type_traits>
 #include <utility>
 
@@ -20,7 +21,7 @@ struct ListTraits;
 template <auto... Vs>
 struct ListTraits<ValueList<Vs...>> {
   template <class T>
-  static constexpr bool contains(T v) noexcept {
+  static constexpr bool contains([[maybe_unused]] T v) noexcept {
     return ((static_cast<T>(Vs) == v) || ...);
   }
   template <class F>

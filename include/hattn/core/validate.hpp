@@ -61,7 +61,7 @@ inline Status validate_kv_common(const DecodeProblem& p, const void* k, const vo
   if (heads != p.num_kv_heads) return invalid("KV num_kv_heads does not match the problem");
   if (dim != p.head_dim) return invalid("KV head_dim does not match the problem");
   if (dtype != p.kv_dtype) return invalid("KV dtype does not match the problem");
-  if (k == nullptr || v == nullptr) return invalid("K or V data is null");
+  if (batch > 0 && (k == nullptr || v == nullptr)) return invalid("K or V data is null");
   if (ks.outer < 0 || ks.token < 0 || ks.head < 0 || vs.outer < 0 || vs.token < 0 || vs.head < 0)
     return invalid("KV strides are negative");
   return Status::ok();
@@ -76,6 +76,7 @@ inline Status validate(const DecodeProblem& p, const PagedKvView& kv) noexcept {
                                                    kv.v_strides));
   if (kv.page_size < 1) return invalid("page_size must be at least 1");
   if (kv.num_pages < 0) return invalid("num_pages is negative");
+  if (kv.batch_size == 0) return Status::ok();  // an empty batch reads nothing
   if (kv.indptr == nullptr || kv.last_page_len == nullptr)
     return invalid("page table indptr or last_page_len is null");
   if (kv.indptr[0] < 0) return invalid("page table indptr[0] is negative");
