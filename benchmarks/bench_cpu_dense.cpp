@@ -27,7 +27,7 @@
 //
 // The probe (measured once, lazily, before the first case that needs it): a
 // parallel sum over 1 GiB in 4 MiB chunks on the same executor, with wide loads
-// and several accumulators, best of several passes.
+// and several accumulators, median of several passes.
 
 #include <benchmark/benchmark.h>
 
