@@ -146,6 +146,18 @@ struct SimdAttend {
       kQInRegs ? (16 / kNV > 4 ? 4 : (16 / kNV < 1 ? 1 : 16 / kNV)) : kHeadTile;
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
+  static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
+
+  // K and V rows [from, to) of KV head hk towards L1: issued while the
+  // previous head is computed, so about 2 x 4 KiB are in flight ahead of use.
+  static void prefetch_head(const AttendArgs& a, int hk, int from, int to) noexcept {
+    for (int r = from; r < to; ++r)
+      for (int c = 0; c < kLinesPerRow; ++c) {
+        __builtin_prefetch(a.k[r] + hk * a.k_head_stride + 64 * c, 0, 3);
+        __builtin_prefetch(a.v[r] + hk * a.v_head_stride + 64 * c, 0, 3);
+      }
+  }
+
   // Per-call view of one KV head's rows and state.
   struct Head {
     const float* q;  // [G][D]
@@ -255,6 +267,10 @@ struct SimdAttend {
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
       for (int hk = 0; hk < a.NH; ++hk) {
+        if (hk + 1 < a.NH)
+          prefetch_head(a, hk + 1, t0, t0 + nb);
+        else if (t0 + W < a.n)
+          prefetch_head(a, 0, t0 + W, a.n - t0 - W < W ? a.n : t0 + 2 * W);
         const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,  a.k, a.v,
                       hk * a.k_head_stride, hk * a.v_head_stride};
         float* mh = m + hk * G;
