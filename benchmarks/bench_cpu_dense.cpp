@@ -27,7 +27,9 @@
 //
 // The probe (measured once, lazily, before the first case that needs it): a
 // parallel sum over 1 GiB in 4 MiB chunks on the same executor, with wide loads
-// and several accumulators, median of several passes.
+// and several accumulators, median of several passes. HATTN_PROBE_DEBUG=1
+// prints every pass (on the development VM the read bandwidth differs between
+// processes, about 30 or about 60 GB/s, steady within one process).
 
 #include <benchmark/benchmark.h>
 
@@ -316,7 +318,12 @@ const Probe& probe() {
     // The median pass: robust to a stray slow pass and to a clock glitch
     // (a single pass has been seen to "run" at twice the memory's speed).
     std::vector<double> t(kProbePasses);
-    for (double& x : t) x = fx->buf.pass(k.fn);
+    for (double& x : t) {
+      x = fx->buf.pass(k.fn);
+      if (std::getenv("HATTN_PROBE_DEBUG"))
+        std::fprintf(stderr, "probe pass %.2f GB/s\n",
+                     static_cast<double>(fx->buf.bytes()) / x / 1e9);
+    }
     std::nth_element(t.begin(), t.begin() + kProbePasses / 2, t.end());
     const double best = t[kProbePasses / 2];
     const Probe r{static_cast<double>(fx->buf.bytes()) / best, k.isa};
