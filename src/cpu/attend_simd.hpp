@@ -172,25 +172,18 @@ struct SimdAttend {
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W]) noexcept {
     const float* q = hd.q + h0 * D;
-    if constexpr (kQInRegs && HT * kNV <= 16) {
-      B qr[HT][kNV];
+    // With 32 registers the tile's query rows are loaded once, not per row.
+    constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
+    B qr[kRegs ? HT : 1][kRegs ? kNV : 1];
+    if constexpr (kRegs)
       for (int h = 0; h < HT; ++h)
         for (int i = 0; i < kNV; ++i) qr[h][i] = B::load_aligned(q + h * D + i * W);
-      for (int t = 0; t < nb; ++t) {
-        B acc[HT];
-        for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
-        const std::byte* krow = hd.k[t0 + t] + hd.koff;
-        for (int i = 0; i < kLoads; ++i) {
-          B kv[Load::kVecs];
-          Load::load(krow, i, kv);
-          for (int j = 0; j < Load::kVecs; ++j)
-            for (int h = 0; h < HT; ++h)
-              acc[h] = xsimd::fma(kv[j], qr[h][i * Load::kVecs + j], acc[h]);
-        }
-        for (int h = 0; h < HT; ++h) acc[h].store_aligned(dots[h0 + h][t]);
-      }
-      return;
-    }
+    auto q_at = [&](int h, int vi) {
+      if constexpr (kRegs)
+        return qr[h][vi];
+      else
+        return B::load_aligned(q + h * D + vi * W);
+    };
     for (int t = 0; t < nb; ++t) {
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
@@ -198,11 +191,9 @@ struct SimdAttend {
       for (int i = 0; i < kLoads; ++i) {
         B kv[Load::kVecs];
         Load::load(krow, i, kv);
-        for (int j = 0; j < Load::kVecs; ++j) {
-          const int vi = i * Load::kVecs + j;
+        for (int j = 0; j < Load::kVecs; ++j)
           for (int h = 0; h < HT; ++h)
-            acc[h] = xsimd::fma(kv[j], B::load_aligned(q + h * D + vi * W), acc[h]);
-        }
+            acc[h] = xsimd::fma(kv[j], q_at(h, i * Load::kVecs + j), acc[h]);
       }
       for (int h = 0; h < HT; ++h) acc[h].store_aligned(dots[h0 + h][t]);
     }
