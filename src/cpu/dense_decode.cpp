@@ -129,6 +129,34 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
 
 namespace {
 
+// Row conversions with the dtype switch out of the element loop.
+template <class F>
+void visit_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: f(float{}); break;
+    case DType::kF16: f(f16{}); break;
+    case DType::kBF16: f(bf16{}); break;
+  }
+}
+
+// dst[i] = base[off + idx[i]] * scale, i < n.
+void gather_row(const void* base, DType t, std::int64_t off, const std::int32_t* idx, float scale,
+                float* dst, std::int32_t n) noexcept {
+  visit_dtype(t, [&](auto tag) {
+    const auto* p = static_cast<const decltype(tag)*>(base) + off;
+    for (std::int32_t i = 0; i < n; ++i) dst[i] = to_float(p[idx[i]]) * scale;
+  });
+}
+
+// base[off + i] = src[i], i < n, rounded to the dtype.
+void store_row(void* base, DType t, std::int64_t off, const float* src, std::int32_t n) noexcept {
+  visit_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    auto* p = static_cast<T*>(base) + off;
+    for (std::int32_t i = 0; i < n; ++i) p[i] = from_float<T>(src[i]);
+  });
+}
+
 // What every work item of a run() shares.
 struct RunContext {
   const DecodePlan* plan;
@@ -169,9 +197,7 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
         for (std::int32_t g = 0; g < gp; ++g) {
           const std::int32_t qh = (h0 + j) * G + g0 + g;
           const std::int64_t qoff = it.batch * q.stride_batch + qh * q.stride_head;
-          float* dst = qk + (j * gp + g) * D;
-          for (std::int32_t i = 0; i < D; ++i)
-            dst[i] = load_as_float(q.data, q.dtype, qoff + ctx.q_natural[i]) * qscale;
+          gather_row(q.data, q.dtype, qoff, ctx.q_natural, qscale, qk + (j * gp + g) * D, D);
         }
       std::fill_n(slot_m + first, nh * gp, -std::numeric_limits<float>::infinity());
       std::fill_n(slot_l + first, nh * gp, 0.0f);
@@ -216,7 +242,7 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
       slot_m[qh] = lse;  // the merge reads lse2 from here
     } else {
       const std::int64_t ooff = it.batch * out.stride_batch + qh * out.stride_head;
-      for (std::int32_t d = 0; d < D; ++d) store_from_float(out.o, out.dtype, ooff + d, tmp[d]);
+      store_row(out.o, out.dtype, ooff, tmp, D);
       out.lse2[it.batch * out.lse_stride_batch + qh] = lse;
     }
   }
@@ -229,6 +255,7 @@ void merge_item(const detail::MergeItem& mi, const DecodePlan& pl,
   const std::int32_t G = pl.problem.group_size(), D = pl.problem.head_dim;
   const std::int64_t H = pl.problem.num_q_heads;
   float w[DenseDecode::kTargetItems + 1];  // chunks per sequence never exceed this
+  float o[256];
   for (std::int32_t g = 0; g < G; ++g) {
     const std::int32_t qh = mi.kv_head * G + g;
     auto lse_of = [&](std::int32_t c) { return pl.slot_m[(mi.first_slot + c) * H + qh]; };
@@ -240,13 +267,13 @@ void merge_item(const detail::MergeItem& mi, const DecodePlan& pl,
       sum += w[c];
     }
     const float inv = 1.0f / sum;
-    const std::int64_t ooff = mi.batch * out.stride_batch + qh * out.stride_head;
-    for (std::int32_t d = 0; d < D; ++d) {
-      float o = 0.0f;
-      for (std::int32_t c = 0; c < mi.num_chunks; ++c)
-        o += w[c] * pl.slot_o[((mi.first_slot + c) * H + qh) * D + d];
-      store_from_float(out.o, out.dtype, ooff + d, o * inv);
+    std::fill_n(o, D, 0.0f);
+    for (std::int32_t c = 0; c < mi.num_chunks; ++c) {
+      const float* part = pl.slot_o + ((mi.first_slot + c) * H + qh) * D;
+      for (std::int32_t d = 0; d < D; ++d) o[d] += w[c] * part[d];
     }
+    for (std::int32_t d = 0; d < D; ++d) o[d] *= inv;
+    store_row(out.o, out.dtype, mi.batch * out.stride_batch + qh * out.stride_head, o, D);
     out.lse2[mi.batch * out.lse_stride_batch + qh] = mx + std::log2(sum);
   }
 }
