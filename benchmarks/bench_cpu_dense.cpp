@@ -315,8 +315,7 @@ const Probe& probe() {
     const SumKernel k = pick_sum_kernel();
     auto fx = std::make_unique<ReadFixture>();
     (void)fx->buf.pass(k.fn);
-    // The median pass: robust to a stray slow pass and to a clock glitch
-    // (a single pass has been seen to "run" at twice the memory's speed).
+    // The median pass: robust to a stray slow or fast pass.
     std::vector<double> t(kProbePasses);
     for (double& x : t) {
       x = fx->buf.pass(k.fn);
