@@ -140,6 +140,7 @@ struct Bf16DotAttend {
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
       for (int hk = 0; hk < a.NH; ++hk) {
+        SimdAttend<xsimd::avx512f, D, bf16>::prefetch_next(a, hk, t0, nb);
         scores(qb + hk * G * kChunks, G, a.k, hk * a.k_head_stride, t0, nb, dots);
         float* mh = m + hk * G;
         __m512* lh = lsum + hk * G;

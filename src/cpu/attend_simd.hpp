@@ -158,6 +158,15 @@ struct SimdAttend {
       }
   }
 
+  // Before KV head hk of the block at t0 (nb rows) is computed: prefetch the
+  // rows that come next, head hk + 1 of this block or head 0 of the next.
+  static void prefetch_next(const AttendArgs& a, int hk, int t0, int nb) noexcept {
+    if (hk + 1 < a.NH)
+      prefetch_head(a, hk + 1, t0, t0 + nb);
+    else if (t0 + W < a.n)
+      prefetch_head(a, 0, t0 + W, a.n - t0 - W < W ? a.n : t0 + 2 * W);
+  }
+
   // Per-call view of one KV head's rows and state.
   struct Head {
     const float* q;  // [G][D]
@@ -258,10 +267,7 @@ struct SimdAttend {
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
       for (int hk = 0; hk < a.NH; ++hk) {
-        if (hk + 1 < a.NH)
-          prefetch_head(a, hk + 1, t0, t0 + nb);
-        else if (t0 + W < a.n)
-          prefetch_head(a, 0, t0 + W, a.n - t0 - W < W ? a.n : t0 + 2 * W);
+        prefetch_next(a, hk, t0, nb);
         const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,  a.k, a.v,
                       hk * a.k_head_stride, hk * a.v_head_stride};
         float* mh = m + hk * G;
