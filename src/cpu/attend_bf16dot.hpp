@@ -31,8 +31,9 @@ namespace hattn::cpu::detail {
 template <int D>
 struct Bf16DotAttend {
   using Ops = SimdOps<xsimd::avx512f>;
-  static constexpr int W = 16;            // rows per block, f32 lanes
-  static constexpr int kChunks = D / 32;  // bf16 vectors per row
+  using Simd = SimdAttend<xsimd::avx512f, D, bf16>;  // shared softmax and prefetch
+  static constexpr int W = 16;                       // rows per block, f32 lanes
+  static constexpr int kChunks = D / 32;             // bf16 vectors per row
   static constexpr int kHeadTile = 4;
   static constexpr int kSliceChunks = kChunks < 2 ? kChunks : 2;  // V chunks in registers
 
@@ -126,7 +127,7 @@ struct Bf16DotAttend {
     alignas(64) std::uint16_t pb[kMaxGroupPerPass][W];  // lanes past the tail hold 0
     float alpha[kMaxGroupPerPass];
     float m[kMaxHeadsPerPass];
-    __m512 lsum[kMaxHeadsPerPass];
+    Ops::B lsum[kMaxHeadsPerPass];  // running sums stay vectors; reduced once per call
     for (int i = 0; i < NG; ++i) {
       for (int c = 0; c < kChunks; ++c) {
         const float* q = a.q + i * D + 32 * c;
@@ -140,28 +141,16 @@ struct Bf16DotAttend {
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
       for (int hk = 0; hk < a.NH; ++hk) {
-        SimdAttend<xsimd::avx512f, D, bf16>::prefetch_next(a, hk, t0, nb);
+        Simd::prefetch_next(a, hk, t0, nb);
         scores(qb + hk * G * kChunks, G, a.k, hk * a.k_head_stride, t0, nb, dots);
         float* mh = m + hk * G;
-        __m512* lh = lsum + hk * G;
+        Ops::B* lh = lsum + hk * G;
         for (int h = 0; h < G; ++h) {
-          __m512 rows[W];
-          for (int t = 0; t < W; ++t)
-            rows[t] = t < nb ? _mm512_load_ps(dots[h][t]) : _mm512_setzero_ps();
-          __m512 s = Ops::haddp(reinterpret_cast<const Ops::B*>(rows));
-          if (nb < W) s = Ops::mask_tail(s, nb);
-          const float bm = Ops::hmax(s);
-          alpha[h] = 1.0f;
-          if (bm > mh[h]) {
-            alpha[h] = std::exp2(mh[h] - bm);
-            mh[h] = bm;
-            lh[h] = _mm512_mul_ps(lh[h], _mm512_set1_ps(alpha[h]));
-          }
-          const __m512 p = xsimd::exp2(Ops::B(s) - Ops::B(mh[h]));
+          const __m512 p = Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h]);
           const __m256bh p16 = _mm512_cvtneps_pbh(p);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[h]), (__m256i)p16);
           // Sum the rounded weights: o is then an exactly normalized mix.
-          lh[h] = _mm512_add_ps(lh[h], _mm512_cvtpbh_ps(p16));
+          lh[h] = lh[h] + Ops::B(_mm512_cvtpbh_ps(p16));
         }
         values(a.acc + hk * G * D, G, a.v, hk * a.v_head_stride, t0, nb, pb, alpha);
       }

@@ -167,6 +167,26 @@ struct SimdAttend {
       prefetch_head(a, 0, t0 + W, a.n - t0 - W < W ? a.n : t0 + 2 * W);
   }
 
+  // Online softmax in base 2 for one query head and block: reduces the W
+  // dot-product vectors (nb valid) to scores, raises the running max m
+  // (rescaling the running sum l; alpha = the factor, 1 when m holds) and
+  // returns the weights 2^(s - m). The caller adds them, or what it rounds
+  // them to, to l.
+  static B block_weights(const float (*dots)[W], int nb, float& m, B& l, float& alpha) noexcept {
+    B rows[W];
+    for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(dots[t]) : B(0.0f);
+    B s = Ops::haddp(rows);
+    if (nb < W) s = Ops::mask_tail(s, nb);
+    const float bm = Ops::hmax(s);
+    alpha = 1.0f;
+    if (bm > m) {                 // rare after the first block: skip the exp2 otherwise
+      alpha = std::exp2(m - bm);  // m = -inf -> 0
+      m = bm;
+      l = l * B(alpha);
+    }
+    return xsimd::exp2(s - B(m));
+  }
+
   // Per-call view of one KV head's rows and state.
   struct Head {
     const float* q;  // [G][D]
@@ -274,22 +294,8 @@ struct SimdAttend {
         B* lh = lsum + hk * G;
         for_each_tile<kScoreTile>(
             G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots); });
-        // Online softmax in base 2.
         for (int h = 0; h < G; ++h) {
-          if (nb < W)
-            for (int t = nb; t < W; ++t) std::memset(dots[h][t], 0, sizeof(dots[h][t]));
-          B rows[W];
-          for (int t = 0; t < W; ++t) rows[t] = B::load_aligned(dots[h][t]);
-          B s = Ops::haddp(rows);
-          if (nb < W) s = Ops::mask_tail(s, nb);
-          const float bm = Ops::hmax(s);
-          alpha[h] = 1.0f;
-          if (bm > mh[h]) {  // rare after the first block: skip the exp2 otherwise
-            alpha[h] = std::exp2(mh[h] - bm);  // m = -inf -> 0
-            mh[h] = bm;
-            lh[h] = lh[h] * B(alpha[h]);
-          }
-          const B pv = xsimd::exp2(s - B(mh[h]));
+          const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h]);
           pv.store_aligned(p[h]);
           lh[h] = lh[h] + pv;
         }
