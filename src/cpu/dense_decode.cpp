@@ -14,6 +14,12 @@ namespace hattn::cpu {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
+// Largest supported head dim: sizes the per-item stack buffers.
+constexpr std::int32_t kMaxHeadDim = [] {
+  std::int32_t m = 0;
+  for_each_value<SupportedHeadDims>([&](auto d) { m = std::max<std::int32_t>(m, d.value); });
+  return m;
+}();
 constexpr std::int64_t kRowsPerCall = 256;  // rows handed to a kernel at once
 
 constexpr std::size_t align_up(std::size_t x, std::size_t a) noexcept {
@@ -163,8 +169,8 @@ struct RunContext {
   const QueryView* q;
   const PartialView* out;
   detail::Kernel kernel;
-  std::int32_t natural[256];    // natural index of each kernel-order accumulator element
-  std::int32_t q_natural[256];  // the same for q
+  std::int32_t natural[kMaxHeadDim];    // natural index of each kernel-order accumulator element
+  std::int32_t q_natural[kMaxHeadDim];  // the same for q
 };
 
 template <KvView Kv>
@@ -180,7 +186,7 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
   float* slot_o = pl.slot_o + it.slot * p.num_q_heads * D;
   float* slot_m = pl.slot_m + it.slot * p.num_q_heads;
   float* slot_l = pl.slot_l + it.slot * p.num_q_heads;
-  alignas(64) float qk[detail::kMaxHeadsPerPass * 256];
+  alignas(64) float qk[detail::kMaxHeadsPerPass * kMaxHeadDim];
   const std::byte* krows[kRowsPerCall];
   const std::byte* vrows[kRowsPerCall];
 
@@ -229,7 +235,7 @@ void attend_item(const detail::WorkItem& it, const RunContext& ctx, const Kv& kv
 
   // Normalize. A split sequence keeps (o in natural order, lse2) in its slot
   // for the merge; an unsplit one writes the output directly.
-  float tmp[256];
+  float tmp[kMaxHeadDim];
   for (std::int32_t qh = 0; qh < p.num_q_heads; ++qh) {
     const float l = slot_l[qh];
     const bool empty = l == 0.0f;
@@ -255,7 +261,7 @@ void merge_item(const detail::MergeItem& mi, const DecodePlan& pl,
   const std::int32_t G = pl.problem.group_size(), D = pl.problem.head_dim;
   const std::int64_t H = pl.problem.num_q_heads;
   float w[DenseDecode::kTargetItems + 1];  // chunks per sequence never exceed this
-  float o[256];
+  float o[kMaxHeadDim];
   for (std::int32_t g = 0; g < G; ++g) {
     const std::int32_t qh = mi.kv_head * G + g;
     auto lse_of = [&](std::int32_t c) { return pl.slot_m[(mi.first_slot + c) * H + qh]; };
