@@ -1,0 +1,101 @@
+#pragma once
+// The hash tables of one (sequence, KV head): for each of L tables a CSR over
+// the 2^K buckets, offsets[2^K + 1] and the indexed positions sorted by bucket
+// (and by position within a bucket). Positions are relative (0 = the first
+// indexed token) and stored as uint16 while fewer than 65536 are indexed,
+// else uint32: at L = 150 this keeps the index well below the bf16 KV it
+// indexes (the MagicPIG reference always uses int32 and is larger than it).
+//
+// Positions added after the build go to a small sorted side table per table
+// (code, position); retrieval walks both. When the side tables grow past an
+// eighth of the main ones they are folded in by a per-bucket concatenation,
+// O(n + 2^K) per table, which yields exactly the tables a full rebuild would.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace hattn::cpu {
+
+class LshTables {
+ public:
+  LshTables() = default;
+  LshTables(std::int32_t K, std::int32_t L) : K_(K), L_(L) {}
+
+  std::int32_t K() const noexcept { return K_; }
+  std::int32_t L() const noexcept { return L_; }
+  // Positions indexed (main + side).
+  std::int64_t size() const noexcept { return main_size_ + side_size_; }
+  std::int64_t side_size() const noexcept { return side_size_; }
+  bool wide() const noexcept { return wide_; }  // uint32 positions
+
+  // Replace everything with positions 0..n-1 whose codes are codes[i * L + l].
+  void build(const std::uint16_t* codes, std::int64_t n);
+  // Add positions size()..size()+n-1.
+  void insert(const std::uint16_t* codes, std::int64_t n);
+  // Fold the side tables into the main ones.
+  void compact();
+
+  // f(position) for every position in bucket `code` of table l, main table
+  // first, ascending within each.
+  template <class F>
+  void for_each_in_bucket(std::int32_t l, std::uint32_t code, F&& f) const {
+    if (main_size_ == 0 && side_size_ == 0) return;
+    const std::size_t ob = static_cast<std::size_t>(l) * (bucket_count() + 1);
+    const std::uint32_t b = offsets_[ob + code], e = offsets_[ob + code + 1];
+    const std::size_t base = static_cast<std::size_t>(l) * static_cast<std::size_t>(main_size_);
+    if (wide_) {
+      for (std::uint32_t i = b; i < e; ++i) f(static_cast<std::uint32_t>(idx32_[base + i]));
+    } else {
+      for (std::uint32_t i = b; i < e; ++i) f(static_cast<std::uint32_t>(idx16_[base + i]));
+    }
+    if (side_size_ > 0) {
+      const std::uint64_t* s = side_.data() + static_cast<std::size_t>(l) * side_size_;
+      const std::uint64_t* end = s + side_size_;
+      const std::uint64_t key = std::uint64_t{code} << 32;
+      // First entry with this code (entries sort by code, then position).
+      std::size_t lo = 0, hi = static_cast<std::size_t>(side_size_);
+      while (lo < hi) {
+        const std::size_t mid = (lo + hi) / 2;
+        if (s[mid] < key)
+          lo = mid + 1;
+        else
+          hi = mid;
+      }
+      for (const std::uint64_t* p = s + lo; p < end && (*p >> 32) == code; ++p)
+        f(static_cast<std::uint32_t>(*p));
+    }
+  }
+
+  // Main-table views (after compact() they hold everything).
+  std::span<const std::uint32_t> offsets(std::int32_t l) const noexcept {
+    return {offsets_.data() + static_cast<std::size_t>(l) * (bucket_count() + 1),
+            bucket_count() + 1};
+  }
+  // Position at slot i of main table l.
+  std::uint32_t position(std::int32_t l, std::int64_t i) const noexcept {
+    const std::size_t at = static_cast<std::size_t>(l) * static_cast<std::size_t>(main_size_) +
+                           static_cast<std::size_t>(i);
+    return wide_ ? idx32_[at] : idx16_[at];
+  }
+  std::int64_t main_size() const noexcept { return main_size_; }
+
+  // Bytes held (offsets + positions + side tables).
+  std::size_t bytes() const noexcept;
+
+ private:
+  std::size_t bucket_count() const noexcept { return std::size_t{1} << K_; }
+  void rebuild_main(const std::uint16_t* codes, std::int64_t n);
+
+  std::int32_t K_ = 0, L_ = 0;
+  bool wide_ = false;
+  std::int64_t main_size_ = 0;
+  std::int64_t side_size_ = 0;
+  std::vector<std::uint32_t> offsets_;  // [L][2^K + 1]
+  std::vector<std::uint16_t> idx16_;    // [L][main_size_]
+  std::vector<std::uint32_t> idx32_;
+  std::vector<std::uint64_t> side_;  // [L][side_size_]: code << 32 | position, sorted
+};
+
+}  // namespace hattn::cpu

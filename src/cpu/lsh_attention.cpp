@@ -1,0 +1,726 @@
+#include "hattn/cpu/lsh_attention.hpp"
+
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/attend.hpp"
+#include "cpu/lsh_kernels.hpp"
+#include "hattn/core/merge.hpp"
+#include "hattn/core/supported.hpp"
+#include "hattn/detail/kv_rows.hpp"
+
+namespace hattn::cpu {
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr std::int32_t kCorrIntervals = 1 << 14;  // of the -ln(u + eps) table over [-1, 1]
+constexpr std::int64_t kHashBlock = 256;          // rows centered and hashed at once
+
+std::uint64_t mix64(std::uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+template <class F>
+void visit_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: f(float{}); break;
+    case DType::kF16: f(f16{}); break;
+    case DType::kBF16: f(bf16{}); break;
+  }
+}
+
+// dst[i] = row[i] (widened), i < D.
+void widen_row(const std::byte* row, DType t, std::int32_t D, float* dst) noexcept {
+  visit_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    for (std::int32_t i = 0; i < D; ++i) {
+      T x;
+      std::memcpy(&x, row + i * sizeof(T), sizeof(T));
+      dst[i] = to_float(x);
+    }
+  });
+}
+
+// 64-byte aligned storage: the dense kernels load q and the accumulators aligned.
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete (p, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const noexcept {
+    return true;
+  }
+};
+
+}  // namespace
+
+// Per-thread scratch of decode: epoch-stamped collision counters, head masks,
+// the union of the sampled positions, row pointers and score rows.
+struct Scratch {
+  std::vector<std::uint16_t> counters;  // [16][cap]: epoch << 8 | count
+  std::vector<std::uint16_t> mask;      // [cap]: bit g = query head g sampled it
+  std::vector<std::uint32_t> sampled;   // union, in order of discovery
+  std::vector<const std::byte*> krows, vrows;
+  std::vector<float> dots;            // [16][cap]
+  std::vector<std::uint16_t> qcodes;  // [16][L]
+  // [16][D] each: queries (natural, LSH kernel order, dense kernel order),
+  // accumulator, sampled and exact outputs.
+  std::vector<float, Aligned64<float>> qf, qk, qd, acc, os, oe;
+  std::int64_t cap = 0;
+  std::uint16_t epoch = 0;
+
+  void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L) {
+    const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
+    for (auto* v : {&qf, &qk, &qd, &acc, &os, &oe})
+      if (v->size() < hd) v->resize(hd);
+    if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L)
+      qcodes.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
+    if (n > cap) {
+      counters.assign(static_cast<std::size_t>(kMaxGroupPerPass) * n, 0);
+      mask.assign(static_cast<std::size_t>(n), 0);
+      sampled.reserve(static_cast<std::size_t>(n));
+      dots.resize(static_cast<std::size_t>(kMaxGroupPerPass) * n);
+      cap = n;
+      epoch = 0;
+    }
+    const auto rows = static_cast<std::size_t>(std::max(n, exact_rows));
+    if (krows.size() < rows) {
+      krows.resize(rows);
+      vrows.resize(rows);
+    }
+  }
+  // A fresh epoch: counters of older epochs read as zero.
+  std::uint16_t next_epoch() noexcept {
+    if (++epoch == 256) {
+      std::fill(counters.begin(), counters.end(), std::uint16_t{0});
+      epoch = 1;
+    }
+    return epoch;
+  }
+};
+
+struct LshAttention::Seq {
+  HostPagePool::SeqId pool_id = -1;
+  std::int64_t length = 0;
+  std::int64_t sink_end = 0;
+  std::int64_t indexed_end = 0;           // the exact tail starts here
+  bool centered = false;                  // mu fixed
+  std::vector<float> mu;                  // [Hk][D]
+  std::vector<std::vector<float>> norms;  // [Hk][indexed]: |k - mu|
+  std::vector<LshTables> tables;          // [Hk]
+  PageTable page_table;
+  PagedKvView view{};  // this sequence alone (batch 1)
+
+  std::int64_t indexed() const noexcept { return indexed_end - sink_end; }
+};
+
+struct LshAttention::Impl {
+  std::vector<SimHash> proj;  // one (shared) or one per KV head
+  HostPagePool pool;
+  detail::LshKernels kernels;
+  detail::Kernel dense;
+  std::vector<float> corr;  // -ln(u + eps) at cos = -1 + 2 i / kCorrIntervals
+  std::vector<std::int32_t> lsh_natural, dense_natural, dense_q_natural;
+  std::vector<Scratch> scratch;
+
+  explicit Impl(const PagePoolOptions& o) : pool(o) {}
+  const SimHash& proj_of(std::int32_t h) const noexcept {
+    return proj.size() == 1 ? proj[0] : proj[static_cast<std::size_t>(h)];
+  }
+};
+
+LshAttention::LshAttention(const LshConfig& config, const LshShape& shape, CpuIsa isa)
+    : config_(config), shape_(shape), isa_(cpu_isa_available(isa) ? isa : cpu_isa_supported()) {}
+
+LshAttention::~LshAttention() = default;
+
+Status LshAttention::create(const LshConfig& config, const LshShape& s,
+                            std::unique_ptr<LshAttention>* out, CpuIsa isa) {
+  if (out == nullptr) return {StatusCode::kInvalidArgument, "LshAttention::create: out is null"};
+  HATTN_RETURN_IF_ERROR(validate(config));
+  if (s.num_q_heads <= 0 || s.num_kv_heads <= 0 || s.num_q_heads % s.num_kv_heads != 0)
+    return {StatusCode::kInvalidArgument,
+            "LshShape: num_q_heads must be a positive multiple of num_kv_heads"};
+  if (!hattn::contains<SupportedHeadDims>(s.head_dim))
+    return {StatusCode::kNotSupported, "LshShape: head_dim is not supported (64, 128, 256)"};
+  if (!hattn::contains<SupportedKvDTypes>(s.kv_dtype))
+    return {StatusCode::kNotSupported, "LshShape: KV dtype is not supported"};
+  if (s.max_tokens <= 0 || s.max_sequences <= 0 || s.page_size <= 0)
+    return {StatusCode::kInvalidArgument,
+            "LshShape: max_tokens, max_sequences and page_size must be positive"};
+  if (s.sm_scale && !(std::isfinite(*s.sm_scale) && *s.sm_scale > 0.0f))
+    return {StatusCode::kInvalidArgument, "LshShape: sm_scale must be positive and finite"};
+
+  std::unique_ptr<LshAttention> a(new LshAttention(config, s, isa));
+  try {
+    PagePoolOptions po;
+    po.dtype = s.kv_dtype;
+    po.num_kv_heads = s.num_kv_heads;
+    po.head_dim = s.head_dim;
+    po.page_size = s.page_size;
+    po.num_pages = (s.max_tokens + s.page_size - 1) / s.page_size + s.max_sequences;
+    po.layout = KvLayout::kHND;
+    a->impl_ = std::make_unique<Impl>(po);
+    Impl& im = *a->impl_;
+    if (config.projection == LshConfig::Projection::kShared) {
+      im.proj.emplace_back(s.head_dim, config.K, config.L, config.seed, a->isa_);
+    } else {
+      for (std::int32_t h = 0; h < s.num_kv_heads; ++h) {
+        const std::uint64_t seed = mix64(
+            config.seed ^ mix64((std::uint64_t(std::uint32_t(s.layer)) << 32) | std::uint32_t(h)));
+        im.proj.emplace_back(s.head_dim, config.K, config.L, seed, a->isa_);
+      }
+    }
+    im.kernels = detail::lsh_kernels_for(a->isa_, s.head_dim, s.kv_dtype);
+    im.dense = detail::kernel_for(a->isa_, s.head_dim, s.kv_dtype, false);
+    if (im.kernels.dots == nullptr || im.dense.attend == nullptr)
+      return {StatusCode::kInternal, "LshAttention: no kernel for this configuration"};
+    for (std::int32_t i = 0; i < s.head_dim; ++i) {
+      im.lsh_natural.push_back(detail::natural_index(i, im.kernels.order, im.kernels.order_block));
+      im.dense_natural.push_back(
+          detail::natural_index(i, im.dense.acc_order, im.dense.order_block));
+      im.dense_q_natural.push_back(
+          detail::natural_index(i, im.dense.q_order, im.dense.order_block));
+    }
+    im.corr.resize(kCorrIntervals + 1);
+    for (std::int32_t i = 0; i <= kCorrIntervals; ++i) {
+      const double c = -1.0 + 2.0 * i / kCorrIntervals;
+      const double u = lsh_sample_probability(c, config.K, config.L, config.min_collisions);
+      im.corr[static_cast<std::size_t>(i)] = static_cast<float>(-std::log(u + double{config.eps}));
+    }
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "LshAttention: cannot allocate the KV pool"};
+  } catch (const std::exception&) {
+    return {StatusCode::kInvalidArgument, "LshAttention: invalid projection shape"};
+  }
+  *out = std::move(a);
+  return Status::ok();
+}
+
+float LshAttention::score_correction(float cos) const noexcept {
+  if (config_.sample_all) return 0.0f;
+  if (!(cos > -1.0f)) cos = std::isnan(cos) ? 0.0f : -1.0f;  // clamp (and NaN -> orthogonal)
+  if (cos > 1.0f) cos = 1.0f;
+  const float x = (cos + 1.0f) * (0.5f * kCorrIntervals);
+  const auto i = std::min(static_cast<std::int32_t>(x), kCorrIntervals - 1);
+  const float f = x - static_cast<float>(i);
+  const float* t = impl_->corr.data() + i;
+  return t[0] + f * (t[1] - t[0]);
+}
+
+const SimHash& LshAttention::projection(std::int32_t kv_head) const noexcept {
+  return impl_->proj_of(kv_head);
+}
+
+namespace {
+
+// Centers rows [from, to) of KV head h, hashes them and returns their norms.
+void hash_rows(const PagedKvView& view, std::int32_t h, std::int64_t from, std::int64_t to,
+               const float* mu, const SimHash& proj, std::uint16_t* codes, float* norms) {
+  const std::int32_t D = view.head_dim;
+  std::vector<float> x(static_cast<std::size_t>(kHashBlock) * D);
+  for (std::int64_t r0 = from; r0 < to; r0 += kHashBlock) {
+    const std::int64_t nr = std::min(kHashBlock, to - r0);
+    for (std::int64_t r = 0; r < nr; ++r) {
+      float* xr = x.data() + r * D;
+      widen_row(hattn::detail::row_at(view, 0, h, r0 + r).k, view.dtype, D, xr);
+      double n2 = 0.0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        xr[d] -= mu[d];
+        n2 += double{xr[d]} * xr[d];
+      }
+      norms[r0 - from + r] = static_cast<float>(std::sqrt(n2));
+    }
+    proj.hash(x.data(), nr, D, codes + (r0 - from) * proj.L());
+  }
+}
+
+}  // namespace
+
+Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std::int64_t n,
+                             const CpuExecutor& executor, std::int64_t token_stride) {
+  if (seqs_.count(id)) return {StatusCode::kInvalidArgument, "prefill: sequence already exists"};
+  if (n < 0) return {StatusCode::kInvalidArgument, "prefill: negative token count"};
+  if (n > 0 && (keys == nullptr || values == nullptr))
+    return {StatusCode::kInvalidArgument, "prefill: keys or values is null"};
+  Impl& im = *impl_;
+  const std::int32_t Hk = shape_.num_kv_heads, D = shape_.head_dim;
+  auto seq = std::make_unique<Seq>();
+  HATTN_RETURN_IF_ERROR(im.pool.create_sequence(&seq->pool_id));
+  if (Status st = im.pool.append(seq->pool_id, keys, values, n, token_stride); !st) {
+    (void)im.pool.release(seq->pool_id);
+    return st;
+  }
+  try {
+    seq->length = n;
+    seq->sink_end = std::min<std::int64_t>(config_.sink, n);
+    seq->indexed_end = std::max(seq->sink_end, n - config_.window);
+    seq->mu.assign(static_cast<std::size_t>(Hk) * D, 0.0f);
+    seq->norms.resize(static_cast<std::size_t>(Hk));
+    seq->tables.assign(static_cast<std::size_t>(Hk), LshTables(config_.K, config_.L));
+    const HostPagePool::SeqId one[] = {seq->pool_id};
+    HATTN_RETURN_IF_ERROR(im.pool.build_page_table(one, &seq->page_table));
+    seq->view = im.pool.view(seq->page_table);
+    const std::int64_t ni = seq->indexed();
+    if (ni > 0) {
+      seq->centered = true;
+      Seq& s = *seq;
+      executor.parallel_for(Hk, [&](std::int64_t h) {
+        const auto hh = static_cast<std::int32_t>(h);
+        std::vector<double> sum(static_cast<std::size_t>(D), 0.0);
+        std::vector<float> row(static_cast<std::size_t>(D));
+        for (std::int64_t t = s.sink_end; t < s.indexed_end; ++t) {
+          widen_row(hattn::detail::row_at(s.view, 0, hh, t).k, shape_.kv_dtype, D, row.data());
+          for (std::int32_t d = 0; d < D; ++d) sum[d] += row[d];
+        }
+        float* mu = s.mu.data() + h * D;
+        for (std::int32_t d = 0; d < D; ++d) mu[d] = static_cast<float>(sum[d] / double(ni));
+        std::vector<std::uint16_t> codes(static_cast<std::size_t>(ni) * config_.L);
+        s.norms[h].resize(static_cast<std::size_t>(ni));
+        hash_rows(s.view, hh, s.sink_end, s.indexed_end, mu, im.proj_of(hh), codes.data(),
+                  s.norms[h].data());
+        s.tables[h].build(codes.data(), ni);
+      });
+    }
+  } catch (const std::bad_alloc&) {
+    (void)im.pool.release(seq->pool_id);
+    return {StatusCode::kOutOfMemory, "prefill: out of memory building the index"};
+  }
+  seqs_.emplace(id, std::move(seq));
+  return Status::ok();
+}
+
+Status LshAttention::append(SeqId id, const void* keys, const void* values, std::int64_t n,
+                            std::int64_t token_stride) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end())
+    return {StatusCode::kInvalidArgument, "append: unknown sequence (prefill first)"};
+  if (n < 0) return {StatusCode::kInvalidArgument, "append: negative token count"};
+  if (n == 0) return Status::ok();
+  if (keys == nullptr || values == nullptr)
+    return {StatusCode::kInvalidArgument, "append: keys or values is null"};
+  Impl& im = *impl_;
+  Seq& s = *it->second;
+  HATTN_RETURN_IF_ERROR(im.pool.append(s.pool_id, keys, values, n, token_stride));
+  s.length += n;
+  const HostPagePool::SeqId one[] = {s.pool_id};
+  HATTN_RETURN_IF_ERROR(im.pool.build_page_table(one, &s.page_table));
+  s.view = im.pool.view(s.page_table);
+  if (s.length - s.indexed_end <= config_.max_exact_tail) return Status::ok();
+
+  // Move the older part of the tail into the index.
+  const std::int32_t Hk = shape_.num_kv_heads, D = shape_.head_dim;
+  if (s.indexed() == 0) {
+    s.sink_end = std::min<std::int64_t>(config_.sink, s.length);
+    s.indexed_end = std::max(s.indexed_end, s.sink_end);
+  }
+  const std::int64_t from = s.indexed_end, to = s.length - config_.window;
+  if (to <= from) return Status::ok();
+  const std::int64_t nn = to - from;
+  try {
+    std::vector<std::uint16_t> codes(static_cast<std::size_t>(nn) * config_.L);
+    std::vector<float> row(static_cast<std::size_t>(D));
+    for (std::int32_t h = 0; h < Hk; ++h) {
+      float* mu = s.mu.data() + std::int64_t{h} * D;
+      if (!s.centered) {  // nothing was indexed at prefill: mu of the first indexed keys
+        std::vector<double> sum(static_cast<std::size_t>(D), 0.0);
+        for (std::int64_t t = from; t < to; ++t) {
+          widen_row(hattn::detail::row_at(s.view, 0, h, t).k, shape_.kv_dtype, D, row.data());
+          for (std::int32_t d = 0; d < D; ++d) sum[d] += row[d];
+        }
+        for (std::int32_t d = 0; d < D; ++d) mu[d] = static_cast<float>(sum[d] / double(nn));
+      }
+      auto& norms = s.norms[static_cast<std::size_t>(h)];
+      const std::size_t old = norms.size();
+      norms.resize(old + static_cast<std::size_t>(nn));
+      hash_rows(s.view, h, from, to, mu, im.proj_of(h), codes.data(), norms.data() + old);
+      s.tables[static_cast<std::size_t>(h)].insert(codes.data(), nn);
+    }
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "append: out of memory growing the index"};
+  }
+  s.centered = true;
+  s.indexed_end = to;
+  return Status::ok();
+}
+
+Status LshAttention::release(SeqId id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return {StatusCode::kInvalidArgument, "release: unknown sequence"};
+  HATTN_RETURN_IF_ERROR(impl_->pool.release(it->second->pool_id));
+  seqs_.erase(it);
+  return Status::ok();
+}
+
+Status LshAttention::partition(SeqId id, LshPartition* out) const noexcept {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return {StatusCode::kInvalidArgument, "partition: unknown sequence"};
+  if (out == nullptr) return {StatusCode::kInvalidArgument, "partition: out is null"};
+  *out = {it->second->sink_end, it->second->indexed_end, it->second->length};
+  return Status::ok();
+}
+
+Status LshAttention::memory(SeqId id, LshMemory* out) const noexcept {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return {StatusCode::kInvalidArgument, "memory: unknown sequence"};
+  if (out == nullptr) return {StatusCode::kInvalidArgument, "memory: out is null"};
+  const Seq& s = *it->second;
+  LshMemory m;
+  m.kv = 2 * impl_->pool.page_bytes() * s.page_table.indices.size();
+  for (const auto& t : s.tables) m.index += t.bytes();
+  for (const auto& n : s.norms) m.norms += n.size() * sizeof(float);
+  m.norms += s.mu.size() * sizeof(float);
+  *out = m;
+  return Status::ok();
+}
+
+Status LshAttention::mu(SeqId id, std::int32_t kv_head,
+                        std::span<const float>* out) const noexcept {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return {StatusCode::kInvalidArgument, "mu: unknown sequence"};
+  if (kv_head < 0 || kv_head >= shape_.num_kv_heads || out == nullptr)
+    return {StatusCode::kInvalidArgument, "mu: bad KV head or null out"};
+  *out = {it->second->mu.data() + std::int64_t{kv_head} * shape_.head_dim,
+          static_cast<std::size_t>(shape_.head_dim)};
+  return Status::ok();
+}
+
+const LshTables* LshAttention::tables(SeqId id, std::int32_t kv_head) const noexcept {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end() || kv_head < 0 || kv_head >= shape_.num_kv_heads) return nullptr;
+  return &it->second->tables[static_cast<std::size_t>(kv_head)];
+}
+
+Status LshAttention::kv_view(std::span<const SeqId> ids, PageTable* table,
+                             PagedKvView* view) const {
+  if (table == nullptr || view == nullptr)
+    return {StatusCode::kInvalidArgument, "kv_view: null output"};
+  std::vector<HostPagePool::SeqId> pool_ids;
+  for (SeqId id : ids) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) return {StatusCode::kInvalidArgument, "kv_view: unknown sequence"};
+    pool_ids.push_back(it->second->pool_id);
+  }
+  HATTN_RETURN_IF_ERROR(impl_->pool.build_page_table(pool_ids, table));
+  *view = impl_->pool.view(*table);
+  return Status::ok();
+}
+
+Status LshAttention::rebuild_index(SeqId id, const CpuExecutor& executor) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return {StatusCode::kInvalidArgument, "rebuild_index: unknown sequence"};
+  Seq& s = *it->second;
+  const std::int64_t ni = s.indexed();
+  const std::int32_t D = shape_.head_dim;
+  try {
+    executor.parallel_for(shape_.num_kv_heads, [&](std::int64_t h) {
+      const auto hh = static_cast<std::int32_t>(h);
+      std::vector<std::uint16_t> codes(static_cast<std::size_t>(ni) * config_.L);
+      s.norms[h].resize(static_cast<std::size_t>(ni));
+      hash_rows(s.view, hh, s.sink_end, s.indexed_end, s.mu.data() + h * D, impl_->proj_of(hh),
+                codes.data(), s.norms[h].data());
+      s.tables[h].build(codes.data(), ni);
+    });
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "rebuild_index: out of memory"};
+  }
+  return Status::ok();
+}
+
+namespace {
+
+// What one (sequence, KV head, pass of query heads) item needs.
+struct Pass {
+  const PagedKvView* view;
+  const LshTables* tables;
+  const float* norms;
+  std::int64_t sink_end, indexed_end, length;
+  std::int32_t h;  // KV head
+  std::int32_t gp;
+  const float* q;  // [gp][D] natural, unscaled
+};
+
+// Union of the positions the pass's query heads sample (relative to
+// sink_end), with mask[i] bit g set when head g samples i.
+void retrieve(const Pass& p, const std::uint16_t* qcodes, std::int32_t L, std::int32_t m, bool all,
+              Scratch& sc) {
+  sc.sampled.clear();
+  const std::int64_t n = p.indexed_end - p.sink_end;
+  if (n <= 0) return;
+  if (all) {
+    const auto every = static_cast<std::uint16_t>((1u << p.gp) - 1u);
+    for (std::int64_t i = 0; i < n; ++i) {
+      sc.sampled.push_back(static_cast<std::uint32_t>(i));
+      sc.mask[static_cast<std::size_t>(i)] = every;
+    }
+    return;
+  }
+  const std::uint16_t ep = sc.next_epoch();
+  const std::uint16_t stamp = static_cast<std::uint16_t>(ep << 8);
+  const auto mm = static_cast<std::uint16_t>(m);
+  const std::int64_t cap = sc.cap;
+  for (std::int32_t l = 0; l < L; ++l) {
+    for (std::int32_t g = 0; g < p.gp; ++g) {
+      std::uint16_t* cnt = sc.counters.data() + g * cap;
+      const auto bit = static_cast<std::uint16_t>(1u << g);
+      p.tables->for_each_in_bucket(l, qcodes[g * L + l], [&](std::uint32_t i) {
+        std::uint16_t c = cnt[i];
+        if ((c & 0xff00u) != stamp) c = stamp;
+        if ((c & 0xffu) < mm) {
+          ++c;
+          cnt[i] = c;
+          if ((c & 0xffu) == mm) {
+            if (sc.mask[i] == 0) sc.sampled.push_back(i);
+            sc.mask[i] = static_cast<std::uint16_t>(sc.mask[i] | bit);
+          }
+        }
+      });
+    }
+  }
+}
+
+}  // namespace
+
+Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const float* q,
+                                       std::vector<std::int64_t>* out) const {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end())
+    return {StatusCode::kInvalidArgument, "sampled_positions: unknown sequence"};
+  if (q_head < 0 || q_head >= shape_.num_q_heads || q == nullptr || out == nullptr)
+    return {StatusCode::kInvalidArgument, "sampled_positions: bad head or null pointer"};
+  const Seq& s = *it->second;
+  const std::int32_t h = q_head / (shape_.num_q_heads / shape_.num_kv_heads);
+  Scratch sc;
+  sc.reserve(std::max<std::int64_t>(1, s.indexed()), 0, shape_.head_dim, config_.L);
+  std::vector<std::uint16_t> codes(static_cast<std::size_t>(config_.L));
+  impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
+  Pass p{&s.view,
+         &s.tables[static_cast<std::size_t>(h)],
+         nullptr,
+         s.sink_end,
+         s.indexed_end,
+         s.length,
+         h,
+         1,
+         q};
+  retrieve(p, codes.data(), config_.L, config_.min_collisions, config_.sample_all, sc);
+  out->clear();
+  for (std::uint32_t i : sc.sampled) out->push_back(s.sink_end + i);
+  std::sort(out->begin(), out->end());
+  return Status::ok();
+}
+
+Status LshAttention::decode(std::span<const SeqId> seqs, const QueryView& q, const PartialView& out,
+                            const CpuExecutor& executor) {
+  return decode_impl(seqs, q, out, executor, true);
+}
+
+Status LshAttention::decode_sampled(std::span<const SeqId> seqs, const QueryView& q,
+                                    const PartialView& out, const CpuExecutor& executor) {
+  return decode_impl(seqs, q, out, executor, false);
+}
+
+Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
+                                 const PartialView& out, const CpuExecutor& executor,
+                                 bool with_exact) {
+  const std::int32_t Hq = shape_.num_q_heads, Hk = shape_.num_kv_heads, D = shape_.head_dim;
+  const std::int32_t G = Hq / Hk;
+  const auto B = static_cast<std::int32_t>(ids.size());
+  if (q.batch_size != B || out.batch_size != B)
+    return {StatusCode::kInvalidArgument, "decode: batch of q/out differs from the sequence count"};
+  if (q.num_heads != Hq || out.num_heads != Hq)
+    return {StatusCode::kInvalidArgument, "decode: head count differs from the layer's"};
+  if (q.head_dim != D || out.head_dim != D)
+    return {StatusCode::kInvalidArgument, "decode: head_dim differs from the layer's"};
+  if (B > 0 && (q.data == nullptr || out.o == nullptr || out.lse2 == nullptr))
+    return {StatusCode::kInvalidArgument, "decode: null q or out"};
+  if (!hattn::contains<SupportedQueryDTypes>(q.dtype) ||
+      !hattn::contains<SupportedOutDTypes>(out.dtype))
+    return {StatusCode::kNotSupported, "decode: query or output dtype is not supported"};
+  std::vector<Seq*> seqs(static_cast<std::size_t>(B));
+  std::int64_t max_indexed = 1, max_exact = 1;
+  for (std::int32_t b = 0; b < B; ++b) {
+    auto it = seqs_.find(ids[b]);
+    if (it == seqs_.end())
+      return {StatusCode::kInvalidArgument, "decode: unknown sequence (decode before prefill?)"};
+    seqs[b] = it->second.get();
+    max_indexed = std::max(max_indexed, seqs[b]->indexed());
+    max_exact = std::max(max_exact, seqs[b]->sink_end + seqs[b]->length - seqs[b]->indexed_end);
+  }
+  Impl& im = *impl_;
+  try {
+    const auto slots = static_cast<std::size_t>(executor.concurrency()) + 1;
+    if (im.scratch.size() < slots) im.scratch.resize(slots);
+    for (auto& sc : im.scratch) sc.reserve(max_indexed, max_exact, D, config_.L);
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
+  }
+
+  const float scale = shape_.sm_scale ? *shape_.sm_scale : 1.0f / std::sqrt(float(D));
+  const std::int32_t L = config_.L;
+  const std::int32_t gmax = std::min(G, kMaxGroupPerPass);
+  const std::int32_t passes = (G + gmax - 1) / gmax;
+  const std::int64_t items = std::int64_t{B} * Hk * passes;
+
+  executor.parallel_for(items, [&](std::int64_t item) {
+    const int slot = tbb::this_task_arena::current_thread_index();
+    Scratch& sc = im.scratch[static_cast<std::size_t>(slot < 0 ? 0 : slot)];
+    const auto b = static_cast<std::int32_t>(item / (std::int64_t{Hk} * passes));
+    const auto h = static_cast<std::int32_t>(item / passes % Hk);
+    const auto g0 = static_cast<std::int32_t>(item % passes) * gmax;
+    const std::int32_t gp = std::min(gmax, G - g0);
+    const Seq& s = *seqs[static_cast<std::size_t>(b)];
+
+    // Queries of the pass: natural f32, their norms and q.mu.
+    float* qf = sc.qf.data();
+    float* qk = sc.qk.data();  // kernel order of the LSH kernels
+    float qn[kMaxGroupPerPass], qmu[kMaxGroupPerPass];
+    std::uint16_t* qcodes = sc.qcodes.data();
+    const float* mu = s.mu.data() + std::int64_t{h} * D;
+    for (std::int32_t g = 0; g < gp; ++g) {
+      const std::int64_t off = b * q.stride_batch + std::int64_t{h * G + g0 + g} * q.stride_head;
+      double n2 = 0.0, dm = 0.0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        const float x = load_as_float(q.data, q.dtype, off + d);
+        qf[g * D + d] = x;
+        n2 += double{x} * x;
+        dm += double{x} * mu[d];
+      }
+      qn[g] = static_cast<float>(std::sqrt(n2));
+      qmu[g] = static_cast<float>(dm);
+      for (std::int32_t i = 0; i < D; ++i) qk[g * D + i] = qf[g * D + im.lsh_natural[i]];
+    }
+
+    // Sampled part.
+    float* os = sc.os.data();
+    float lse_s[kMaxGroupPerPass];
+    std::fill_n(os, gp * D, 0.0f);
+    std::fill_n(lse_s, gp, kNegInf);
+    const std::int64_t ni = s.indexed();
+    if (ni > 0) {
+      const LshTables& tab = s.tables[static_cast<std::size_t>(h)];
+      im.proj_of(h).hash(qf, gp, D, qcodes);
+      Pass p{&s.view,
+             &tab,
+             s.norms[static_cast<std::size_t>(h)].data(),
+             s.sink_end,
+             s.indexed_end,
+             s.length,
+             h,
+             gp,
+             qf};
+      retrieve(p, qcodes, L, config_.min_collisions, config_.sample_all, sc);
+      const auto nu = static_cast<std::int32_t>(sc.sampled.size());
+      if (nu > 0) {
+        for (std::int32_t j = 0; j < nu; ++j) {
+          const auto rows = hattn::detail::row_at(s.view, 0, h, s.sink_end + sc.sampled[j]);
+          sc.krows[j] = rows.k;
+          sc.vrows[j] = rows.v;
+        }
+        const std::int32_t ld = nu;
+        float* dots = sc.dots.data();
+        im.kernels.dots(qk, gp, sc.krows.data(), nu, dots, ld);
+        const float* norms = p.norms;
+        float sums[kMaxGroupPerPass];
+        for (std::int32_t g = 0; g < gp; ++g) {
+          float* row = dots + std::int64_t{g} * ld;
+          const auto bit = static_cast<std::uint16_t>(1u << g);
+          float mx = kNegInf;
+          for (std::int32_t j = 0; j < nu; ++j) {
+            const std::uint32_t i = sc.sampled[j];
+            if (sc.mask[i] & bit) {
+              const float denom = qn[g] * norms[i];
+              const float c = denom > 0.0f ? (row[j] - qmu[g]) / denom : 0.0f;
+              row[j] = scale * row[j] + score_correction(c);
+              mx = std::max(mx, row[j]);
+            } else {
+              row[j] = kNegInf;
+            }
+          }
+          float sum = 0.0f;
+          for (std::int32_t j = 0; j < nu; ++j) {
+            const float w = row[j] == kNegInf ? 0.0f : std::exp(row[j] - mx);
+            row[j] = w;
+            sum += w;
+          }
+          sums[g] = sum;
+          lse_s[g] = sum > 0.0f ? (mx + std::log(sum)) * kLog2e : kNegInf;
+        }
+        float* acc = sc.acc.data();
+        std::fill_n(acc, gp * D, 0.0f);
+        im.kernels.accumulate(dots, ld, gp, sc.vrows.data(), nu, acc);
+        for (std::int32_t g = 0; g < gp; ++g) {
+          const float inv = sums[g] > 0.0f ? 1.0f / sums[g] : 0.0f;
+          for (std::int32_t i = 0; i < D; ++i) os[g * D + im.lsh_natural[i]] = acc[g * D + i] * inv;
+        }
+        for (std::uint32_t i : sc.sampled) sc.mask[i] = 0;
+      }
+    }
+
+    // Exact part: sink and tail through the dense kernel.
+    float* oe = sc.oe.data();
+    float lse_e[kMaxGroupPerPass];
+    std::fill_n(lse_e, gp, kNegInf);
+    if (with_exact) {
+      std::int32_t n = 0;
+      auto add = [&](std::int64_t t) {
+        const auto rows = hattn::detail::row_at(s.view, 0, h, t);
+        sc.krows[n] = rows.k;
+        sc.vrows[n] = rows.v;
+        ++n;
+      };
+      for (std::int64_t t = 0; t < s.sink_end; ++t) add(t);
+      for (std::int64_t t = s.indexed_end; t < s.length; ++t) add(t);
+      float* qd = sc.qd.data();
+      float* acc = sc.acc.data();
+      float m[kMaxGroupPerPass], l[kMaxGroupPerPass];
+      const float qs = scale * kLog2e;
+      for (std::int32_t g = 0; g < gp; ++g)
+        for (std::int32_t i = 0; i < D; ++i) qd[g * D + i] = qf[g * D + im.dense_q_natural[i]] * qs;
+      std::fill_n(acc, gp * D, 0.0f);
+      std::fill_n(m, gp, kNegInf);
+      std::fill_n(l, gp, 0.0f);
+      if (n > 0) {
+        detail::AttendArgs a{qd, acc, m, l, 1, gp, sc.krows.data(), sc.vrows.data(), 0, 0, n};
+        im.dense.attend(a);
+      }
+      for (std::int32_t g = 0; g < gp; ++g) {
+        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+        lse_e[g] = l[g] > 0.0f ? m[g] + std::log2(l[g]) : kNegInf;
+        for (std::int32_t i = 0; i < D; ++i) oe[g * D + im.dense_natural[i]] = acc[g * D + i] * inv;
+      }
+    }
+
+    for (std::int32_t g = 0; g < gp; ++g) {
+      const std::int32_t qh = h * G + g0 + g;
+      const std::int64_t off = b * out.stride_batch + std::int64_t{qh} * out.stride_head;
+      const MergeWeights w = merge_weights(lse_s[g], lse_e[g]);
+      for (std::int32_t d = 0; d < D; ++d) {
+        const float xs = w.wa != 0.0f ? w.wa * os[g * D + d] : 0.0f;
+        const float xe = w.wb != 0.0f ? w.wb * oe[g * D + d] : 0.0f;
+        store_from_float(out.o, out.dtype, off + d, xs + xe);
+      }
+      out.lse2[b * out.lse_stride_batch + qh] = w.lse;
+    }
+  });
+  return Status::ok();
+}
+
+}  // namespace hattn::cpu

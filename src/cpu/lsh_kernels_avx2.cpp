@@ -1,0 +1,9 @@
+// AVX2 + FMA + F16C LSH kernels; the rules of kernels_avx512.cpp apply.
+#include "cpu/lsh_simd.hpp"
+
+namespace hattn::cpu::detail {
+HashFn lsh_hash_avx2() noexcept { return &LshHash<xsimd::fma3<xsimd::avx2>>::run; }
+LshKernels lsh_kernels_avx2(std::int32_t head_dim, DType kv) noexcept {
+  return lsh_kernels_simd<xsimd::fma3<xsimd::avx2>>(head_dim, kv);
+}
+}  // namespace hattn::cpu::detail

@@ -1,0 +1,9 @@
+// AVX-512 LSH kernels; the rules of kernels_avx512.cpp apply (no Eigen here).
+#include "cpu/lsh_simd.hpp"
+
+namespace hattn::cpu::detail {
+HashFn lsh_hash_avx512() noexcept { return &LshHash<xsimd::avx512f>::run; }
+LshKernels lsh_kernels_avx512(std::int32_t head_dim, DType kv) noexcept {
+  return lsh_kernels_simd<xsimd::avx512f>(head_dim, kv);
+}
+}  // namespace hattn::cpu::detail

@@ -1,0 +1,842 @@
+// LSH-sampled attention (MagicPIG): the checks of ../shared/MAGICPIG.md §8
+// (numbered in the test names), incremental insertion, determinism, errors.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numbers>
+#include <numeric>
+#include <span>
+
+#include <catch2/catch.hpp>
+
+#include "common/check.hpp"
+#include "common/decode_fixture.hpp"
+#include "common/seed.hpp"
+#include "hattn/core/merge.hpp"
+#include "hattn/cpu/lsh_attention.hpp"
+#include "hattn/ref/decode.hpp"
+#include "lsh_common.hpp"
+
+using namespace hattn;
+using namespace hattn::cpu;
+using namespace hattn_test;
+
+namespace {
+
+// Keys: unit normal plus a per-head offset (a shared direction, as real keys
+// have, so centering matters); values unit normal.
+LshLayer make_layer(const LshConfig& cfg, std::int32_t Hq, std::int32_t Hk, std::int32_t D,
+                    DType kv, const std::vector<std::int64_t>& lens, std::mt19937_64& rng,
+                    CpuIsa isa = cpu_isa_default(), float offset = 0.5f) {
+  LshLayer layer;
+  layer.cfg = cfg;
+  layer.shape.num_q_heads = Hq;
+  layer.shape.num_kv_heads = Hk;
+  layer.shape.head_dim = D;
+  layer.shape.kv_dtype = kv;
+  layer.shape.max_tokens = std::accumulate(lens.begin(), lens.end(), std::int64_t{0}) + 4096;
+  layer.shape.max_sequences = static_cast<std::int32_t>(lens.size()) + 1;
+  REQUIRE(LshAttention::create(cfg, layer.shape, &layer.attn, isa).is_ok());
+  const std::vector<float> off = normals(rng, static_cast<std::size_t>(Hk) * D, offset);
+  for (std::size_t s = 0; s < lens.size(); ++s) {
+    const std::int64_t n = lens[s];
+    std::vector<float> k = normals(rng, static_cast<std::size_t>(n) * Hk * D);
+    for (std::int64_t i = 0; i < n * Hk * D; ++i) k[i] += off[i % (Hk * D)];
+    std::vector<float> v = normals(rng, static_cast<std::size_t>(n) * Hk * D);
+    round_to(k, kv);
+    round_to(v, kv);
+    const auto kb = encode(k, kv), vb = encode(v, kv);
+    REQUIRE(layer.attn
+                ->prefill(static_cast<std::int64_t>(s) + 100, kb.data(), vb.data(), n,
+                          shared_executor())
+                .is_ok());
+    layer.k[static_cast<std::int64_t>(s) + 100] = std::move(k);
+    layer.v[static_cast<std::int64_t>(s) + 100] = std::move(v);
+  }
+  return layer;
+}
+
+std::vector<std::int64_t> seq_ids(std::size_t n) {
+  std::vector<std::int64_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 100);
+  return ids;
+}
+
+LshConfig config(std::int32_t K, std::int32_t L) {
+  LshConfig c;
+  c.K = K;
+  c.L = L;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("lsh: config validation names the bad field", "[lsh][errors]") {
+  CHECK(validate(LshConfig{}).is_ok());
+  auto bad = [](auto edit) {
+    LshConfig c;
+    edit(c);
+    return validate(c).code();
+  };
+  CHECK(bad([](LshConfig& c) { c.K = 0; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.K = 17; }) == StatusCode::kInvalidArgument);  // > uint16 codes
+  CHECK(bad([](LshConfig& c) { c.L = 1; }) == StatusCode::kInvalidArgument);   // L < m
+  CHECK(bad([](LshConfig& c) { c.min_collisions = 0; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.eps = 0.0f; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.eps = NAN; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.sink = -1; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.max_exact_tail = 10; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) {
+          c.K = 16;
+          c.L = 5000;
+        }) == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("lsh: sampling probability u matches MAGICPIG.md and the decode table", "[lsh]") {
+  // The u(cos) row of MAGICPIG.md §6 for K10L150 (4 significant digits).
+  const std::pair<double, double> table[] = {
+      {0.0, 0.0097}, {0.2, 0.0867}, {0.4, 0.4433}, {0.6, 0.9434}};
+  for (auto [c, u] : table) CHECK(lsh_sample_probability(c, 10, 150, 2) == Approx(u).margin(6e-5));
+  CHECK(lsh_sample_probability(0.8, 10, 150, 2) > 0.9999);
+  CHECK(lsh_sample_probability(-1.0, 10, 150, 2) == 0.0);
+  CHECK(lsh_sample_probability(1.0, 10, 150, 2) == 1.0);
+  // m = 1: 1 - (1 - P)^L.
+  const double P = std::pow(lsh_bit_probability(0.3), 8);
+  CHECK(lsh_sample_probability(0.3, 8, 75, 1) ==
+        Approx(1.0 - std::pow(1.0 - P, 75)).epsilon(1e-12));
+
+  // decode's interpolated -ln(u + eps) against the exact value.
+  std::unique_ptr<LshAttention> a;
+  LshShape s{8, 2, 64, DType::kBF16, 0, 1024, 1, 16, {}};
+  REQUIRE(LshAttention::create(LshConfig{}, s, &a).is_ok());
+  double worst = 0.0;
+  for (int i = 0; i <= 20000; ++i) {
+    const double c = -1.0 + 2.0 * i / 20000.0 + 1e-5 * std::sin(i);
+    const double exact = -std::log(lsh_sample_probability(c, 10, 150, 2) + 1e-4);
+    worst = std::max(worst, std::abs(a->score_correction(static_cast<float>(c)) - exact));
+  }
+  INFO("worst |correction - exact| = " << worst);
+  CHECK(worst < 1e-5);  // in score units (measured 1.1e-6): see kLshLse2Tolerance
+  CHECK(std::isfinite(a->score_correction(NAN)));
+  CHECK(a->score_correction(2.0f) == a->score_correction(1.0f));
+}
+
+TEST_CASE("lsh check 1: hash codes equal the SimHash definition (keys and queries, K <= 15)",
+          "[lsh]") {
+  auto rng = make_rng("lsh-check1");
+  for (CpuIsa isa : available_isas()) {
+    for (auto [K, L, D] :
+         {std::tuple{1, 7, 64}, {5, 20, 128}, {10, 150, 128}, {15, 9, 256}, {16, 3, 64}}) {
+      const std::uint64_t seed = rng();
+      SimHash sh(D, K, L, seed, isa);
+      const std::int64_t rows = 37;
+      std::vector<float> x = normals(rng, static_cast<std::size_t>(rows) * D);
+      std::vector<std::uint16_t> codes(static_cast<std::size_t>(rows) * L);
+      sh.hash(x.data(), rows, D, codes.data());
+      for (std::int64_t j = 0; j < std::int64_t{K} * L; ++j)
+        for (std::int32_t d = 0; d < D; ++d)
+          if (static_cast<float>(simhash_normal(seed, static_cast<std::uint64_t>(j) * D + d)) !=
+              sh.plane(static_cast<std::int32_t>(j), d))
+            FAIL("plane " << j << " entry " << d << " differs from simhash_normal");
+      std::int64_t ambiguous = 0, checked = 0;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int32_t l = 0; l < L; ++l) {
+          for (std::int32_t b = 0; b < K; ++b) {
+            const std::int64_t j = std::int64_t{l} * K + b;
+            double dot = 0.0, mag = 0.0;
+            for (std::int32_t d = 0; d < D; ++d) {
+              const double w = sh.plane(static_cast<std::int32_t>(j), d);
+              dot += x[r * D + d] * w;
+              mag += std::abs(x[r * D + d] * w);
+            }
+            const bool want = dot > 0.0;
+            const bool got = (codes[r * L + l] >> b) & 1u;
+            // f32 accumulation can only flip a sign within ~D u sum|x w|.
+            if (std::abs(dot) <= 1e-5 * mag) {
+              ++ambiguous;
+              continue;
+            }
+            ++checked;
+            if (got != want)
+              FAIL("isa " << to_string(isa) << " K" << K << " L" << L << " D" << D << " row " << r
+                          << " table " << l << " bit " << b << " " << seed_note());
+          }
+          if (codes[r * L + l] >= (1u << K)) FAIL("code wider than K bits");
+        }
+      }
+      CHECK(checked + ambiguous == rows * K * L);
+      CHECK(ambiguous <= 1 + rows * K * L / 1000);
+    }
+  }
+}
+
+TEST_CASE("lsh check 2: collision rate at fixed cosine matches u (Monte Carlo, 4 sigma)", "[lsh]") {
+  auto rng = make_rng("lsh-check2");
+  constexpr std::int32_t D = 64;
+  for (auto [K, L] : {std::pair{10, 150}, {8, 75}}) {
+    const double cosines[] = {0.0, 0.2, 0.4, 0.6};
+    constexpr int kProjections = 120, kPairs = 40;
+    // Per cosine, the hit rate of each independent projection (batch means:
+    // pairs under one projection are not independent of each other).
+    std::vector<std::vector<double>> rate(4);
+    for (int p = 0; p < kProjections; ++p) {
+      SimHash sh(D, K, L, rng());
+      for (int ci = 0; ci < 4; ++ci) {
+        int hits = 0;
+        for (int t = 0; t < kPairs; ++t) {
+          // q random unit; k at exactly the cosine, in a random direction orthogonal to q.
+          std::vector<float> q = normals(rng, D), r = normals(rng, D);
+          double qq = 0, qr = 0;
+          for (int d = 0; d < D; ++d) qq += double{q[d]} * q[d];
+          for (int d = 0; d < D; ++d) qr += double{q[d]} * r[d];
+          std::vector<double> o(D);
+          double oo = 0;
+          for (int d = 0; d < D; ++d) {
+            o[d] = r[d] - qr / qq * q[d];
+            oo += o[d] * o[d];
+          }
+          std::vector<float> k(D);
+          const double c = cosines[ci], sn = std::sqrt(1 - c * c);
+          for (int d = 0; d < D; ++d)
+            k[d] = static_cast<float>(c * q[d] / std::sqrt(qq) + sn * o[d] / std::sqrt(oo));
+          std::vector<std::uint16_t> qc(L), kc(L);
+          sh.hash(q.data(), 1, D, qc.data());
+          sh.hash(k.data(), 1, D, kc.data());
+          int same = 0;
+          for (int l = 0; l < L; ++l) same += qc[l] == kc[l];
+          hits += same >= 2;
+        }
+        rate[ci].push_back(double(hits) / kPairs);
+      }
+    }
+    for (int ci = 0; ci < 4; ++ci) {
+      const double u = lsh_sample_probability(cosines[ci], K, L, 2);
+      double mean = 0, var = 0;
+      for (double x : rate[ci]) mean += x;
+      mean /= kProjections;
+      for (double x : rate[ci]) var += (x - mean) * (x - mean);
+      var /= kProjections - 1;
+      // Standard error from the batches, and never below the binomial one.
+      const double se =
+          std::max(std::sqrt(var / kProjections), std::sqrt(u * (1 - u) / (kProjections * kPairs)));
+      INFO("K" << K << "L" << L << " cos " << cosines[ci] << ": rate " << mean << " u " << u
+               << " se " << se << " " << seed_note());
+      CHECK(std::abs(mean - u) <= 4 * se);
+    }
+  }
+}
+
+TEST_CASE("lsh check 4: each table is a permutation bucketed by the key codes", "[lsh]") {
+  auto rng = make_rng("lsh-check4");
+  for (auto cfg : {config(10, 150), config(8, 75), config(4, 9)}) {
+    LshLayer layer = make_layer(cfg, 4, 2, 64, DType::kBF16, {1500}, rng);
+    const std::int64_t seq = 100;
+    LshPartition part;
+    REQUIRE(layer.attn->partition(seq, &part).is_ok());
+    CHECK(part.sink_end == cfg.sink);
+    CHECK(part.tail_begin == 1500 - cfg.window);
+    const std::int64_t n = part.tail_begin - part.sink_end;
+    for (std::int32_t h = 0; h < 2; ++h) {
+      const LshTables* t = layer.attn->tables(seq, h);
+      REQUIRE(t != nullptr);
+      REQUIRE(t->size() == n);
+      REQUIRE_FALSE(t->wide());
+      std::span<const float> mu;
+      REQUIRE(layer.attn->mu(seq, h, &mu).is_ok());
+      // mu is the mean of the indexed keys.
+      for (std::int32_t d = 0; d < 64; ++d) {
+        double m = 0;
+        for (std::int64_t i = part.sink_end; i < part.tail_begin; ++i) m += layer.key(seq, i, h)[d];
+        CHECK(mu[d] == Approx(m / double(n)).margin(1e-5));
+      }
+      // Codes of the centered keys, hashed one at a time.
+      std::vector<std::uint16_t> codes(static_cast<std::size_t>(n) * cfg.L);
+      std::vector<float> x(64);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float* k = layer.key(seq, part.sink_end + i, h);
+        for (int d = 0; d < 64; ++d) x[d] = k[d] - mu[d];
+        layer.attn->projection(h).hash(x.data(), 1, 64, codes.data() + i * cfg.L);
+      }
+      for (std::int32_t l = 0; l < cfg.L; ++l) {
+        const auto off = t->offsets(l);
+        REQUIRE(off.front() == 0);
+        REQUIRE(off.back() == n);
+        std::vector<std::uint32_t> hist(off.size() - 1, 0);
+        for (std::int64_t i = 0; i < n; ++i) ++hist[codes[i * cfg.L + l]];
+        std::vector<char> seen(static_cast<std::size_t>(n), 0);
+        for (std::size_t c = 0; c + 1 < off.size(); ++c) {
+          REQUIRE(off[c + 1] - off[c] == hist[c]);
+          for (std::uint32_t j = off[c]; j < off[c + 1]; ++j) {
+            const std::uint32_t p = t->position(l, j);
+            REQUIRE(p < n);
+            REQUIRE(codes[p * cfg.L + l] == c);  // the key's own code
+            REQUIRE_FALSE(seen[p]);
+            seen[p] = 1;
+            if (j > off[c]) REQUIRE(t->position(l, j - 1) < p);  // ascending
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("lsh check 3: retrieval returns exactly the brute-force set", "[lsh]") {
+  auto rng = make_rng("lsh-check3");
+  for (auto cfg : {config(10, 150), config(6, 20), config(8, 75)}) {
+    // GQA 4, three sequences of uneven length, one shorter than sink + window.
+    const std::vector<std::int64_t> lens{1777, 40, 3001};
+    LshLayer layer = make_layer(cfg, 8, 2, 64, DType::kF16, lens, rng);
+    for (std::size_t s = 0; s < lens.size(); ++s) {
+      const std::int64_t seq = 100 + static_cast<std::int64_t>(s);
+      for (std::int32_t qh = 0; qh < 8; ++qh) {
+        // Queries near a key (so something collides) and random ones.
+        std::vector<float> q = normals(rng, 64);
+        if (qh % 2 == 0 && lens[s] > 100) {
+          const float* k =
+              layer.key(seq, static_cast<std::int64_t>(rng() % (lens[s] - 70)) + 4, qh / 4);
+          for (int d = 0; d < 64; ++d) q[d] = q[d] * 0.3f + k[d];
+        }
+        std::vector<std::int64_t> got;
+        REQUIRE(layer.attn->sampled_positions(seq, qh, q.data(), &got).is_ok());
+        const auto want = brute_force_sampled(layer, seq, qh, q.data());
+        INFO("K" << cfg.K << "L" << cfg.L << " seq " << s << " head " << qh << " " << seed_note());
+        REQUIRE(got == want);  // sorted, so also free of duplicates
+      }
+    }
+  }
+}
+
+namespace {
+
+// Runs decode (merged or sampled-only) and compares every head with the
+// double reference over the brute-force sets.
+void check_decode_against_reference(LshLayer& layer, std::mt19937_64& rng, bool merged,
+                                    DType q_dtype, DType o_dtype, const Tolerance& tol,
+                                    const std::string& what) {
+  const std::int32_t Hq = layer.shape.num_q_heads, D = layer.shape.head_dim;
+  const auto ids = seq_ids(layer.k.size());
+  const auto B = static_cast<std::int32_t>(ids.size());
+  std::vector<float> q = normals(rng, static_cast<std::size_t>(B) * Hq * D);
+  round_to(q, q_dtype);
+  const auto qb = encode(q, q_dtype);
+  std::vector<std::byte> ob(static_cast<std::size_t>(B) * Hq * D * size_of(o_dtype));
+  fill_nan(ob.data(), o_dtype, static_cast<std::size_t>(B) * Hq * D);
+  std::vector<float> lse(static_cast<std::size_t>(B) * Hq, NAN);
+  const QueryView qv = make_query_view(qb.data(), q_dtype, B, Hq, D);
+  const PartialView ov = make_partial_view(ob.data(), o_dtype, lse.data(), B, Hq, D);
+  const Status st = merged ? layer.attn->decode(ids, qv, ov, shared_executor())
+                           : layer.attn->decode_sampled(ids, qv, ov, shared_executor());
+  REQUIRE(st.is_ok());
+  std::vector<double> got, want, got_lse, want_lse;
+  for (std::int32_t b = 0; b < B; ++b) {
+    for (std::int32_t h = 0; h < Hq; ++h) {
+      const float* qh = q.data() + (std::int64_t{b} * Hq + h) * D;
+      const auto sampled = layer.cfg.sample_all ? [&] {
+        LshPartition p;
+        (void)layer.attn->partition(ids[b], &p);
+        std::vector<std::int64_t> all;
+        for (std::int64_t t = p.sink_end; t < p.tail_begin; ++t) all.push_back(t);
+        return all;
+      }()
+                                                : brute_force_sampled(layer, ids[b], h, qh);
+      std::vector<double> o;
+      want_lse.push_back(reference_head(layer, ids[b], h, qh, sampled, merged, &o));
+      want.insert(want.end(), o.begin(), o.end());
+      got_lse.push_back(lse[std::size_t(b) * Hq + h]);
+      for (std::int32_t d = 0; d < D; ++d)
+        got.push_back(load_as_float(ob.data(), o_dtype, (std::int64_t{b} * Hq + h) * D + d));
+    }
+  }
+  INFO(what);
+  const std::string e1 = compare("o", got, want, tol, what);
+  INFO(e1);
+  CHECK(e1.empty());
+  const std::string e2 = compare("lse2", got_lse, want_lse, kLshLse2Tolerance, what);
+  INFO(e2);
+  CHECK(e2.empty());
+}
+
+}  // namespace
+
+TEST_CASE("lsh: decode equals the double reference on every ISA, dtype and head dim", "[lsh]") {
+  auto rng = make_rng("lsh-decode-ref");
+  for (CpuIsa isa : available_isas()) {
+    for (auto [kv, D, G] : {std::tuple{DType::kBF16, 128, 4},
+                            {DType::kF16, 64, 1},
+                            {DType::kF32, 64, 8},
+                            {DType::kBF16, 256, 2},
+                            {DType::kBF16, 64, 20}}) {
+      LshConfig cfg = config(6, 24);  // samples a good share of the keys
+      cfg.max_exact_tail = 100;
+      LshLayer layer = make_layer(cfg, 2 * G, 2, D, kv, {900, 50, 1300}, rng, isa);
+      for (bool merged : {true, false}) {
+        for (DType o : {DType::kF32, DType::kBF16}) {
+          const std::string what = std::string("isa ") + std::string(to_string(isa)) + " kv " +
+                                   std::string(to_string(kv)) + " D " + std::to_string(D) + " G " +
+                                   std::to_string(G) + (merged ? " merged" : " sampled") + " " +
+                                   seed_note();
+          check_decode_against_reference(layer, rng, merged, DType::kF32, o,
+                                         lsh_output_tolerance(o), what);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("lsh check 5: sampling everything (u = 1) reproduces dense attention", "[lsh]") {
+  auto rng = make_rng("lsh-check5");
+  for (CpuIsa isa : available_isas()) {
+    LshConfig cfg = config(10, 150);
+    cfg.sample_all = true;
+    const std::vector<std::int64_t> lens{3000, 77, 1234};
+    LshLayer layer = make_layer(cfg, 8, 2, 128, DType::kF32, lens, rng, isa);
+    const auto ids = seq_ids(lens.size());
+    const std::int32_t B = 3, Hq = 8, D = 128;
+    std::vector<float> q = normals(rng, std::size_t(B) * Hq * D);
+    std::vector<float> o(std::size_t(B) * Hq * D), lse(std::size_t(B) * Hq);
+    const QueryView qv = make_query_view(q.data(), DType::kF32, B, Hq, D);
+    REQUIRE(layer.attn
+                ->decode(ids, qv, make_partial_view(o.data(), DType::kF32, lse.data(), B, Hq, D),
+                         shared_executor())
+                .is_ok());
+    // Dense reference over the layer's own cache, through its paged view.
+    PageTable table;
+    PagedKvView kv;
+    REQUIRE(layer.attn->kv_view(ids, &table, &kv).is_ok());
+    DecodeProblem p{B, Hq, 2, D, DType::kF32, DType::kF32, DType::kF32, {}};
+    ref::Result r;
+    REQUIRE(ref::decode(p, qv, kv, &r).is_ok());
+    for (std::int32_t i = 0; i < B * Hq; ++i) {
+      double num = 0, den = 0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        const double e = o[std::size_t(i) * D + d] - r.o[std::size_t(i) * D + d];
+        num += e * e;
+        den += r.o[std::size_t(i) * D + d] * r.o[std::size_t(i) * D + d];
+      }
+      INFO("isa " << to_string(isa) << " head " << i << " " << seed_note());
+      CHECK(std::sqrt(num / den) <= 1e-5);
+      CHECK(lse[i] == Approx(r.lse2[i]).epsilon(1e-5));
+    }
+  }
+}
+
+TEST_CASE("lsh check 6: centering leaves exact attention unchanged; partials merge", "[lsh]") {
+  auto rng = make_rng("lsh-check6");
+  LshConfig cfg = config(10, 150);
+  cfg.sample_all = true;
+  const std::int32_t Hq = 8, Hk = 2, D = 64, n = 2000;
+  LshLayer a = make_layer(cfg, Hq, Hk, D, DType::kF32, {n}, rng, cpu_isa_default(), 2.0f);
+  // The same keys, centered by the caller with a's mu.
+  LshLayer c;
+  c.cfg = cfg;
+  c.shape = a.shape;
+  REQUIRE(LshAttention::create(cfg, c.shape, &c.attn).is_ok());
+  std::vector<float> kc = a.k.at(100);
+  for (std::int32_t h = 0; h < Hk; ++h) {
+    std::span<const float> mu;
+    REQUIRE(a.attn->mu(100, h, &mu).is_ok());
+    for (std::int64_t t = 0; t < n; ++t)
+      for (std::int32_t d = 0; d < D; ++d) kc[(t * Hk + h) * D + d] -= mu[d];
+  }
+  REQUIRE(c.attn->prefill(100, kc.data(), a.v.at(100).data(), n, shared_executor()).is_ok());
+  std::vector<float> q = normals(rng, std::size_t(Hq) * D);
+  const std::int64_t ids[] = {100};
+  std::vector<float> oa(std::size_t(Hq) * D), oc(oa.size()), la(Hq), lc(Hq);
+  const QueryView qv = make_query_view(q.data(), DType::kF32, 1, Hq, D);
+  REQUIRE(a.attn
+              ->decode(ids, qv, make_partial_view(oa.data(), DType::kF32, la.data(), 1, Hq, D),
+                       shared_executor())
+              .is_ok());
+  REQUIRE(c.attn
+              ->decode(ids, qv, make_partial_view(oc.data(), DType::kF32, lc.data(), 1, Hq, D),
+                       shared_executor())
+              .is_ok());
+  for (std::int32_t h = 0; h < Hq; ++h) {
+    double num = 0, den = 0;
+    for (std::int32_t d = 0; d < D; ++d) {
+      num += std::pow(oa[h * D + d] - oc[h * D + d], 2);
+      den += std::pow(oc[h * D + d], 2);
+    }
+    CHECK(std::sqrt(num / den) <= 1e-5);
+  }
+
+  // Partial-only path: the caller attends the exact part on its own
+  // (uncentered) keys; merging gives decode()'s result.
+  LshConfig cs = config(8, 40);
+  LshLayer s = make_layer(cs, Hq, Hk, D, DType::kF32, {n}, rng, cpu_isa_default(), 2.0f);
+  std::vector<float> om(oa.size()), lm(Hq), os(oa.size()), ls(Hq), oe(oa.size()), le(Hq);
+  REQUIRE(s.attn
+              ->decode(ids, qv, make_partial_view(om.data(), DType::kF32, lm.data(), 1, Hq, D),
+                       shared_executor())
+              .is_ok());
+  REQUIRE(s.attn
+              ->decode_sampled(ids, qv,
+                               make_partial_view(os.data(), DType::kF32, ls.data(), 1, Hq, D),
+                               shared_executor())
+              .is_ok());
+  LshPartition part;
+  REQUIRE(s.attn->partition(100, &part).is_ok());
+  std::vector<std::int64_t> exact;
+  for (std::int64_t t = 0; t < part.sink_end; ++t) exact.push_back(t);
+  for (std::int64_t t = part.tail_begin; t < part.length; ++t) exact.push_back(t);
+  for (std::int32_t h = 0; h < Hq; ++h) {
+    std::vector<double> o;
+    le[h] = static_cast<float>(attend_positions(s, 100, h, q.data() + h * D, exact, &o));
+    for (std::int32_t d = 0; d < D; ++d) oe[h * D + d] = static_cast<float>(o[d]);
+  }
+  const PartialView ps = make_partial_view(os.data(), DType::kF32, ls.data(), 1, Hq, D);
+  REQUIRE(merge_partials(ps, make_partial_view(oe.data(), DType::kF32, le.data(), 1, Hq, D), ps)
+              .is_ok());
+  for (std::int32_t i = 0; i < Hq * D; ++i)
+    CHECK(os[i] == Approx(om[i]).epsilon(1e-4).margin(1e-5));
+  for (std::int32_t h = 0; h < Hq; ++h) CHECK(ls[h] == Approx(lm[h]).epsilon(1e-5));
+}
+
+TEST_CASE("lsh check 7: unnormalized numerator and denominator are unbiased", "[lsh]") {
+  auto rng = make_rng("lsh-check7");
+  constexpr std::int32_t D = 64, n = 2500, kSeeds = 48;
+  // Keys with a spread of cosines to a fixed query: k = a q^ + noise.
+  std::vector<float> q = normals(rng, D);
+  double qn = 0;
+  for (float x : q) qn += double{x} * x;
+  qn = std::sqrt(qn);
+  std::vector<float> k = normals(rng, std::size_t(n) * D), v = normals(rng, std::size_t(n) * D);
+  std::uniform_real_distribution<float> ud(-4.0f, 14.0f);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float a = ud(rng);
+    for (std::int32_t d = 0; d < D; ++d) k[i * D + d] += a * q[d] / static_cast<float>(qn);
+  }
+  std::vector<double> z_num, z_den;
+  for (int seed_i = 0; seed_i < kSeeds; ++seed_i) {
+    LshLayer layer;
+    layer.cfg = config(10, 150);
+    layer.cfg.seed = rng();
+    layer.shape = {1, 1, D, DType::kF32, 0, n + 16, 1, 16, {}};
+    REQUIRE(LshAttention::create(layer.cfg, layer.shape, &layer.attn).is_ok());
+    REQUIRE(layer.attn->prefill(100, k.data(), v.data(), n, shared_executor()).is_ok());
+    layer.k[100] = k;
+    layer.v[100] = v;
+    std::vector<std::int64_t> sampled;
+    REQUIRE(layer.attn->sampled_positions(100, 0, q.data(), &sampled).is_ok());
+    LshPartition part;
+    REQUIRE(layer.attn->partition(100, &part).is_ok());
+    std::span<const float> mu;
+    REQUIRE(layer.attn->mu(100, 0, &mu).is_ok());
+    // Horvitz-Thompson sums over the indexed part, scores shifted by a constant.
+    const double scale = 1.0 / std::sqrt(double(D));
+    std::vector<double> s(n), u(n);
+    double smax = -1e300;
+    for (std::int64_t i = part.sink_end; i < part.tail_begin; ++i) {
+      double qk = 0, qc = 0, kk = 0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        const double c = double{k[i * D + d]} - mu[d];
+        qk += double{q[d]} * k[i * D + d];
+        qc += double{q[d]} * c;
+        kk += c * c;
+      }
+      s[i] = scale * qk;
+      smax = std::max(smax, s[i]);
+      u[i] = lsh_sample_probability(qc / (qn * std::sqrt(kk)), 10, 150, 2);
+    }
+    double num = 0, den = 0, est_num = 0, est_den = 0, var_num = 0, var_den = 0;
+    std::vector<char> in(n, 0);
+    for (std::int64_t t : sampled) in[t] = 1;
+    for (std::int64_t i = part.sink_end; i < part.tail_begin; ++i) {
+      const double e = std::exp(s[i] - smax), x = v[i * D];
+      num += e * x;
+      den += e;
+      if (in[i]) {
+        est_num += e * x / u[i];
+        est_den += e / u[i];
+      }
+      var_num += (1 - u[i]) / u[i] * e * e * x * x;
+      var_den += (1 - u[i]) / u[i] * e * e;
+    }
+    z_num.push_back((est_num - num) / std::sqrt(var_num));
+    z_den.push_back((est_den - den) / std::sqrt(var_den));
+  }
+  for (const auto* z : {&z_num, &z_den}) {
+    double mean_abs = 0;
+    int over3 = 0;
+    for (double x : *z) {
+      mean_abs += std::abs(x);
+      over3 += std::abs(x) > 3;
+    }
+    mean_abs /= double(z->size());
+    INFO("mean |z| = " << mean_abs << ", |z| > 3: " << over3 << " of " << z->size() << " "
+                       << seed_note());
+    CHECK(mean_abs > 0.45);  // N(0,1): 0.80
+    CHECK(mean_abs < 1.25);
+    CHECK(over3 <= 3);
+  }
+}
+
+TEST_CASE("lsh check 8: sampled fraction on isotropic keys matches MAGICPIG.md", "[lsh]") {
+  auto rng = make_rng("lsh-check8");
+  // MAGICPIG.md §6, isotropic centered keys, d = 128.
+  for (auto [K, L, want] :
+       {std::tuple{10, 150, 0.0157}, {8, 75, 0.0458}, {10, 170, 0.0197}, {11, 300, 0.0173}}) {
+    LshLayer layer =
+        make_layer(config(K, L), 16, 2, 128, DType::kBF16, {4164}, rng, cpu_isa_default(), 0.0f);
+    double sum = 0;
+    int count = 0;
+    for (int t = 0; t < 24; ++t) {
+      for (std::int32_t h = 0; h < 16; ++h) {
+        std::vector<float> q = normals(rng, 128);
+        std::vector<std::int64_t> s;
+        REQUIRE(layer.attn->sampled_positions(100, h, q.data(), &s).is_ok());
+        sum += double(s.size()) / 4096.0;
+        ++count;
+      }
+    }
+    const double frac = sum / count;
+    INFO("K" << K << "L" << L << ": sampled fraction " << frac << " want " << want << " "
+             << seed_note());
+    CHECK(std::abs(frac / want - 1.0) <= 0.05);
+  }
+}
+
+TEST_CASE("lsh check 9: sampling beats TopK at the same budget on diffuse attention", "[lsh]") {
+  auto rng = make_rng("lsh-check9");
+  // Diffuse heads: scores with a spread of about 1 (no few keys dominate)
+  // and values that depend on the keys (v = A k + noise, as both come from
+  // one hidden state), so the attention tail TopK drops carries signal.
+  const std::int32_t Hq = 8, Hk = 2, D = 128;
+  const std::int64_t n = 8192;
+  LshLayer layer;
+  layer.cfg = config(10, 150);
+  layer.shape = {Hq, Hk, D, DType::kF32, 0, n + 64, 1, 16, {}};
+  REQUIRE(LshAttention::create(layer.cfg, layer.shape, &layer.attn).is_ok());
+  std::vector<float> k = normals(rng, std::size_t(n) * Hk * D), v(k.size());
+  const std::vector<float> off = normals(rng, std::size_t(Hk) * D, 0.5f);
+  const std::vector<float> A = normals(rng, std::size_t(D) * D, 1.0f / std::sqrt(float(D)));
+  const std::vector<float> noise = normals(rng, k.size(), 0.5f);
+  for (std::size_t i = 0; i < k.size(); ++i) k[i] += off[i % (Hk * D)];
+  for (std::int64_t t = 0; t < n * Hk; ++t)
+    for (std::int32_t r = 0; r < D; ++r) {
+      float acc = noise[std::size_t(t) * D + r];
+      for (std::int32_t c = 0; c < D; ++c)
+        acc += A[std::size_t(r) * D + c] * k[std::size_t(t) * D + c];
+      v[std::size_t(t) * D + r] = acc;
+    }
+  REQUIRE(layer.attn->prefill(100, k.data(), v.data(), n, shared_executor()).is_ok());
+  layer.k[100] = k;
+  layer.v[100] = v;
+  double err_lsh = 0, err_topk = 0;
+  int heads = 0;
+  for (int t = 0; t < 4; ++t) {
+    std::vector<float> q = normals(rng, std::size_t(Hq) * D, 1.0f);
+    std::vector<float> o(std::size_t(Hq) * D), lse(Hq);
+    const std::int64_t ids[] = {100};
+    REQUIRE(layer.attn
+                ->decode(ids, make_query_view(q.data(), DType::kF32, 1, Hq, D),
+                         make_partial_view(o.data(), DType::kF32, lse.data(), 1, Hq, D),
+                         shared_executor())
+                .is_ok());
+    LshPartition part;
+    REQUIRE(layer.attn->partition(100, &part).is_ok());
+    for (std::int32_t h = 0; h < Hq; ++h) {
+      const float* qh = q.data() + h * D;
+      std::vector<std::int64_t> all(n);
+      std::iota(all.begin(), all.end(), 0);
+      std::vector<double> exact, top;
+      attend_positions(layer, 100, h, qh, all, &exact);
+      std::vector<std::int64_t> sampled;
+      REQUIRE(layer.attn->sampled_positions(100, h, qh, &sampled).is_ok());
+      // TopK: the exact part plus the |sampled| highest-scoring indexed keys.
+      std::vector<std::pair<double, std::int64_t>> sc;
+      for (std::int64_t i = part.sink_end; i < part.tail_begin; ++i) {
+        double s = 0;
+        for (std::int32_t d = 0; d < D; ++d) s += double{qh[d]} * layer.key(100, i, h / 4)[d];
+        sc.emplace_back(-s, i);
+      }
+      std::sort(sc.begin(), sc.end());
+      std::vector<std::int64_t> keep;
+      for (std::int64_t i = 0; i < part.sink_end; ++i) keep.push_back(i);
+      for (std::int64_t i = part.tail_begin; i < n; ++i) keep.push_back(i);
+      for (std::size_t i = 0; i < sampled.size(); ++i) keep.push_back(sc[i].second);
+      attend_positions(layer, 100, h, qh, keep, &top);
+      double nl = 0, nt = 0, ne = 0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        nl += std::pow(o[h * D + d] - exact[d], 2);
+        nt += std::pow(top[d] - exact[d], 2);
+        ne += exact[d] * exact[d];
+      }
+      err_lsh += std::sqrt(nl / ne);
+      err_topk += std::sqrt(nt / ne);
+      ++heads;
+    }
+  }
+  err_lsh /= heads;
+  err_topk /= heads;
+  INFO("diffuse: rel error lsh " << err_lsh << " topk " << err_topk << " " << seed_note());
+  CHECK(err_lsh < err_topk);
+}
+
+TEST_CASE("lsh: incremental insertion gives the tables of a full rebuild", "[lsh]") {
+  auto rng = make_rng("lsh-incremental");
+  // LshTables alone: build + inserts (side tables, then folds) vs one build.
+  for (auto [K, L] : {std::pair{4, 5}, {10, 12}}) {
+    const std::int64_t n = 9000;
+    std::vector<std::uint16_t> codes(static_cast<std::size_t>(n) * L);
+    for (auto& c : codes) c = static_cast<std::uint16_t>(rng() % (1u << K));
+    LshTables inc(K, L), full(K, L);
+    inc.build(codes.data(), 3000);
+    std::int64_t at = 3000;
+    for (std::int64_t step : {1, 7, 200, 1000, 33, 2500, 2259}) {
+      inc.insert(codes.data() + at * L, step);
+      at += step;
+      full.build(codes.data(), at);
+      for (std::int32_t l = 0; l < L; ++l)
+        for (std::uint32_t c = 0; c < (1u << K); ++c) {
+          std::vector<std::uint32_t> a, b;
+          inc.for_each_in_bucket(l, c, [&](std::uint32_t p) { a.push_back(p); });
+          full.for_each_in_bucket(l, c, [&](std::uint32_t p) { b.push_back(p); });
+          REQUIRE(a == b);
+        }
+    }
+    REQUIRE(at == n);
+    inc.compact();
+    for (std::int32_t l = 0; l < L; ++l) {
+      REQUIRE(std::equal(inc.offsets(l).begin(), inc.offsets(l).end(), full.offsets(l).begin()));
+      for (std::int64_t i = 0; i < n; ++i) REQUIRE(inc.position(l, i) == full.position(l, i));
+    }
+  }
+
+  // A layer: generated tokens leave the exact tail and are indexed; the sets
+  // equal those of an index rebuilt from scratch over the same positions.
+  LshConfig cfg = config(8, 40);
+  cfg.max_exact_tail = 96;
+  LshLayer layer = make_layer(cfg, 4, 2, 64, DType::kBF16, {2000}, rng);
+  for (int step = 0; step < 700; ++step) {
+    std::vector<float> k = normals(rng, 2 * 64), v = normals(rng, 2 * 64);
+    round_to(k, DType::kBF16);
+    round_to(v, DType::kBF16);
+    const auto kb = encode(k, DType::kBF16), vb = encode(v, DType::kBF16);
+    REQUIRE(layer.attn->append(100, kb.data(), vb.data(), 1).is_ok());
+    auto& ks = layer.k[100];
+    ks.insert(ks.end(), k.begin(), k.end());
+    auto& vs = layer.v[100];
+    vs.insert(vs.end(), v.begin(), v.end());
+  }
+  LshPartition part;
+  REQUIRE(layer.attn->partition(100, &part).is_ok());
+  CHECK(part.length == 2700);
+  CHECK(part.length - part.tail_begin <= cfg.max_exact_tail);
+  CHECK(part.tail_begin > 2000 - cfg.window);  // generated tokens were indexed
+  std::vector<std::vector<std::int64_t>> before;
+  std::vector<std::vector<float>> queries;
+  for (int i = 0; i < 16; ++i) {
+    queries.push_back(normals(rng, 64));
+    const float* kk = layer.key(100, part.tail_begin - 1 - i * 17, (i % 4) / 2);
+    for (int d = 0; d < 64; ++d) queries.back()[d] = queries.back()[d] * 0.2f + kk[d];
+    std::vector<std::int64_t> s;
+    REQUIRE(layer.attn->sampled_positions(100, i % 4, queries.back().data(), &s).is_ok());
+    REQUIRE(s == brute_force_sampled(layer, 100, i % 4, queries.back().data()));
+    before.push_back(s);
+  }
+  REQUIRE(layer.attn->rebuild_index(100, shared_executor()).is_ok());
+  for (int i = 0; i < 16; ++i) {
+    std::vector<std::int64_t> s;
+    REQUIRE(layer.attn->sampled_positions(100, i % 4, queries[i].data(), &s).is_ok());
+    CHECK(s == before[i]);
+  }
+}
+
+TEST_CASE("lsh: results are bitwise identical on any thread count", "[lsh][determinism]") {
+  auto rng = make_rng("lsh-determinism");
+  LshLayer layer = make_layer(config(8, 60), 16, 4, 128, DType::kBF16, {3000, 1000, 5000, 64}, rng);
+  const auto ids = seq_ids(4);
+  std::vector<float> q = normals(rng, 4 * 16 * 128);
+  const QueryView qv = make_query_view(q.data(), DType::kF32, 4, 16, 128);
+  auto run = [&](const CpuExecutor& ex) {
+    std::vector<float> o(4 * 16 * 128), lse(4 * 16);
+    REQUIRE(
+        layer.attn
+            ->decode(ids, qv, make_partial_view(o.data(), DType::kF32, lse.data(), 4, 16, 128), ex)
+            .is_ok());
+    o.insert(o.end(), lse.begin(), lse.end());
+    return o;
+  };
+  const auto one = run(CpuExecutor(1));
+  const auto two = run(CpuExecutor(2));
+  const auto four = run(CpuExecutor(4));
+  CHECK(std::memcmp(one.data(), two.data(), one.size() * 4) == 0);
+  CHECK(std::memcmp(one.data(), four.data(), one.size() * 4) == 0);
+}
+
+TEST_CASE("lsh: bad input returns a Status and changes nothing", "[lsh][errors]") {
+  auto rng = make_rng("lsh-errors");
+  std::unique_ptr<LshAttention> a;
+  LshShape s{8, 2, 64, DType::kBF16, 0, 4096, 2, 16, {}};
+  CHECK(LshAttention::create(LshConfig{}, s, nullptr).code() == StatusCode::kInvalidArgument);
+  LshConfig bad;
+  bad.K = 17;
+  CHECK(LshAttention::create(bad, s, &a).code() == StatusCode::kInvalidArgument);
+  LshShape s2 = s;
+  s2.head_dim = 96;
+  CHECK(LshAttention::create(LshConfig{}, s2, &a).code() == StatusCode::kNotSupported);
+  s2 = s;
+  s2.num_q_heads = 7;
+  CHECK(LshAttention::create(LshConfig{}, s2, &a).code() == StatusCode::kInvalidArgument);
+  s2 = s;
+  s2.max_tokens = 0;
+  CHECK(LshAttention::create(LshConfig{}, s2, &a).code() == StatusCode::kInvalidArgument);
+
+  LshLayer layer = make_layer(config(8, 20), 8, 2, 64, DType::kBF16, {500}, rng);
+  LshAttention& L = *layer.attn;
+  std::vector<float> q(8 * 64, 0.5f), o(8 * 64), lse(8);
+  const std::int64_t known[] = {100}, unknown[] = {7};
+  const QueryView qv = make_query_view(q.data(), DType::kF32, 1, 8, 64);
+  const PartialView ov = make_partial_view(o.data(), DType::kF32, lse.data(), 1, 8, 64);
+  CHECK(L.decode(unknown, qv, ov, shared_executor()).code() == StatusCode::kInvalidArgument);
+  CHECK(L.decode(known, make_query_view(q.data(), DType::kF32, 1, 8, 32),
+                 make_partial_view(o.data(), DType::kF32, lse.data(), 1, 8, 32), shared_executor())
+            .code() == StatusCode::kInvalidArgument);  // head-dim mismatch
+  CHECK(L.decode(known, make_query_view(q.data(), DType::kF32, 1, 4, 64), ov, shared_executor())
+            .code() == StatusCode::kInvalidArgument);  // head count
+  CHECK(L.decode(known, make_query_view(q.data(), DType::kF32, 2, 8, 64), ov, shared_executor())
+            .code() == StatusCode::kInvalidArgument);  // batch
+  CHECK(L.decode(known, make_query_view(nullptr, DType::kF32, 1, 8, 64), ov, shared_executor())
+            .code() == StatusCode::kInvalidArgument);
+  std::vector<std::byte> kv(2 * 64 * 2);
+  CHECK(L.append(7, kv.data(), kv.data(), 1).code() == StatusCode::kInvalidArgument);
+  CHECK(L.append(100, nullptr, kv.data(), 1).code() == StatusCode::kInvalidArgument);
+  CHECK(L.prefill(100, kv.data(), kv.data(), 1, shared_executor()).code() ==
+        StatusCode::kInvalidArgument);  // exists
+  CHECK(L.prefill(5, kv.data(), kv.data(), -1, shared_executor()).code() ==
+        StatusCode::kInvalidArgument);
+  CHECK_FALSE(L.contains(5));
+  // A prefill past the pool's capacity fails and leaves no sequence behind.
+  std::vector<std::byte> big(std::size_t(5000) * 2 * 64 * 2);
+  CHECK(L.prefill(6, big.data(), big.data(), 5000, shared_executor()).code() ==
+        StatusCode::kOutOfMemory);
+  CHECK_FALSE(L.contains(6));
+  CHECK(L.release(7).code() == StatusCode::kInvalidArgument);
+  // Still works after the errors.
+  CHECK(L.decode(known, qv, ov, shared_executor()).is_ok());
+  CHECK(L.release(100).is_ok());
+  CHECK(L.decode(known, qv, ov, shared_executor()).code() == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("lsh: memory accounting; positions in 16 bits below 65536", "[lsh]") {
+  auto rng = make_rng("lsh-memory");
+  LshLayer layer = make_layer(config(10, 150), 4, 1, 128, DType::kBF16, {8192}, rng);
+  LshMemory m;
+  REQUIRE(layer.attn->memory(100, &m).is_ok());
+  CHECK(m.kv == 2 * std::size_t{8192} * 128 * 2);  // page-aligned length
+  const std::size_t idx = 150 * (std::size_t{8192 - 68} * 2 + 1025 * 4);
+  CHECK(m.index == idx);
+  CHECK(m.norms == (8192 - 68) * 4 + 128 * 4);
+
+  LshTables t(2, 1);
+  std::vector<std::uint16_t> codes(70000);
+  for (auto& c : codes) c = static_cast<std::uint16_t>(rng() % 4);
+  t.build(codes.data(), 65535);
+  CHECK_FALSE(t.wide());
+  t.insert(codes.data() + 65535, 4465);
+  t.compact();
+  CHECK(t.wide());
+  CHECK(t.size() == 70000);
+  CHECK(t.bytes() == 5 * 4 + 70000 * 4);
+}
