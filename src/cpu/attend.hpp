@@ -29,6 +29,9 @@ struct AttendArgs {
   std::ptrdiff_t k_head_stride;  // bytes
   std::ptrdiff_t v_head_stride;
   std::int32_t n;  // rows to attend
+  // Kernels with a score transform (the LSH-sampled one) read their
+  // per-call context here; plain kernels ignore it.
+  const void* ctx = nullptr;
 };
 
 // NH * G of one pass never exceeds this.

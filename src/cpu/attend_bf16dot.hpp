@@ -146,7 +146,8 @@ struct Bf16DotAttend {
         float* mh = m + hk * G;
         Ops::B* lh = lsum + hk * G;
         for (int h = 0; h < G; ++h) {
-          const __m512 p = Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h]);
+          const __m512 p =
+              Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [](auto s) { return s; });
           const __m256bh p16 = _mm512_cvtneps_pbh(p);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[h]), (__m256i)p16);
           // Sum the rounded weights: o is then an exactly normalized mix.

@@ -127,7 +127,18 @@ struct RowLoad<A, bf16> {
   }
 };
 
-template <class A, int D, class KvT, int kSliceMax = 8>
+// Score policy of SimdAttend: the plain kernel uses the scores as they are.
+struct PlainScores {
+  // Rows are prefetched a block ahead, all at once (they are sequential in
+  // memory, so the hardware prefetchers carry most of the stream).
+  static constexpr bool kRowPrefetch = false;
+  template <class B>
+  static B apply(const AttendArgs&, B s, int /*t0*/, int /*head*/) noexcept {
+    return s;
+  }
+};
+
+template <class A, int D, class KvT, int kSliceMax = 8, class Scores = PlainScores>
 struct SimdAttend {
   using B = xsimd::batch<float, A>;
   using Ops = SimdOps<A>;
@@ -172,10 +183,12 @@ struct SimdAttend {
   // (rescaling the running sum l; alpha = the factor, 1 when m holds) and
   // returns the weights 2^(s - m). The caller adds them, or what it rounds
   // them to, to l.
-  static B block_weights(const float (*dots)[W], int nb, float& m, B& l, float& alpha) noexcept {
+  template <class Transform>
+  static B block_weights(const float (*dots)[W], int nb, float& m, B& l, float& alpha,
+                         Transform&& transform) noexcept {
     B rows[W];
     for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(dots[t]) : B(0.0f);
-    B s = Ops::haddp(rows);
+    B s = transform(Ops::haddp(rows));
     if (nb < W) s = Ops::mask_tail(s, nb);
     const float bm = Ops::hmax(s);
     alpha = 1.0f;
@@ -184,6 +197,7 @@ struct SimdAttend {
       m = bm;
       l = l * B(alpha);
     }
+    if (m == -INFINITY) return B(0.0f);  // every score so far masked out (sampled kernels)
     return xsimd::exp2(s - B(m));
   }
 
@@ -194,6 +208,7 @@ struct SimdAttend {
     const std::byte* const* k;
     const std::byte* const* v;
     std::ptrdiff_t koff, voff;  // byte offset of this head's rows
+    int n;                      // rows of the call
   };
 
   // Scores of rows [t0, t0 + nb) for query heads [h0, h0 + HT): dots[h][t]
@@ -214,6 +229,15 @@ struct SimdAttend {
         return B::load_aligned(q + h * D + vi * W);
     };
     for (int t = 0; t < nb; ++t) {
+      // Gathered rows (random addresses): one row of the next block per row,
+      // so about a block of misses is in flight at any time.
+      if constexpr (Scores::kRowPrefetch)
+        if (h0 == 0 && t0 + t + W < hd.n) {
+          for (int c = 0; c < kLinesPerRow; ++c) {
+            __builtin_prefetch(hd.k[t0 + t + W] + hd.koff + 64 * c, 0, 3);
+            __builtin_prefetch(hd.v[t0 + t + W] + hd.voff + 64 * c, 0, 3);
+          }
+        }
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
       const std::byte* krow = hd.k[t0 + t] + hd.koff;
@@ -273,6 +297,8 @@ struct SimdAttend {
 
   static void run(const AttendArgs& a) noexcept {
     const int G = a.G, NG = a.NH * a.G;
+    if constexpr (Scores::kRowPrefetch)  // the first block's rows
+      prefetch_head(a, 0, 0, a.n < W ? a.n : W);
     alignas(64) float dots[kMaxGroupPerPass][W][W];
     alignas(64) float p[kMaxGroupPerPass][W];
     float alpha[kMaxGroupPerPass];
@@ -287,15 +313,16 @@ struct SimdAttend {
     for (int t0 = 0; t0 < a.n; t0 += W) {
       const int nb = a.n - t0 < W ? a.n - t0 : W;
       for (int hk = 0; hk < a.NH; ++hk) {
-        prefetch_next(a, hk, t0, nb);
-        const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,  a.k, a.v,
-                      hk * a.k_head_stride, hk * a.v_head_stride};
+        if constexpr (!Scores::kRowPrefetch) prefetch_next(a, hk, t0, nb);
+        const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,   a.k, a.v,
+                      hk * a.k_head_stride, hk * a.v_head_stride, a.n};
         float* mh = m + hk * G;
         B* lh = lsum + hk * G;
         for_each_tile<kScoreTile>(
             G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots); });
         for (int h = 0; h < G; ++h) {
-          const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h]);
+          const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h],
+                                     [&](B sc) { return Scores::apply(a, sc, t0, hk * G + h); });
           pv.store_aligned(p[h]);
           lh[h] = lh[h] + pv;
         }

@@ -74,29 +74,39 @@ struct Aligned64 {
 // Per-thread scratch of decode: epoch-stamped collision counters, head masks,
 // the union of the sampled positions, row pointers and score rows.
 struct Scratch {
-  std::vector<std::uint16_t> counters;  // [16][cap]: epoch << 8 | count
-  std::vector<std::uint16_t> mask;      // [cap]: bit g = query head g sampled it
-  std::vector<std::uint32_t> sampled;   // union, in order of discovery
+  std::vector<std::uint16_t> counters;  // [16][cap]: epoch << 8 | count (m >= 3 only)
+  // Per head g < 16, bitsets over the indexed positions: seen (at least one
+  // collision) and sampled (at least m).
+  std::vector<std::uint64_t> seen, hits;
+  std::vector<std::uint32_t> sampled;  // union over the pass's heads, ascending
+  std::vector<std::uint16_t> umask;    // [union]: bit g = head g sampled it
   std::vector<const std::byte*> krows, vrows;
-  std::vector<float> dots;            // [16][cap]
+  std::vector<float> kn;              // [cap + chunk]: norms of the union's keys
   std::vector<std::uint16_t> qcodes;  // [16][L]
+  std::vector<std::uint32_t> ranges;  // [16 L][2]: bucket bounds of a walk
   // [16][D] each: queries (natural, LSH kernel order, dense kernel order),
   // accumulator, sampled and exact outputs.
-  std::vector<float, Aligned64<float>> qf, qk, qd, acc, os, oe;
+  std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
   std::int64_t cap = 0;
   std::uint16_t epoch = 0;
 
   void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L) {
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
-    for (auto* v : {&qf, &qk, &qd, &acc, &os, &oe})
+    for (auto* v : {&qf, &qd, &acc, &os, &oe})
       if (v->size() < hd) v->resize(hd);
-    if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L)
+    if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L) {
       qcodes.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
+      ranges.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L * 2);
+    }
     if (n > cap) {
       counters.assign(static_cast<std::size_t>(kMaxGroupPerPass) * n, 0);
-      mask.assign(static_cast<std::size_t>(n), 0);
+      const std::size_t words = static_cast<std::size_t>((n + 63) / 64);
+      seen.assign(kMaxGroupPerPass * words, 0);
+      hits.assign(kMaxGroupPerPass * words, 0);
       sampled.reserve(static_cast<std::size_t>(n));
-      dots.resize(static_cast<std::size_t>(kMaxGroupPerPass) * n);
+      umask.reserve(static_cast<std::size_t>(n));
+      kn.resize(static_cast<std::size_t>(n) + detail::kLshPad);
+      umask.reserve(static_cast<std::size_t>(n) + detail::kLshPad);
       cap = n;
       epoch = 0;
     }
@@ -134,11 +144,12 @@ struct LshAttention::Seq {
 struct LshAttention::Impl {
   std::vector<SimHash> proj;  // one (shared) or one per KV head
   HostPagePool pool;
-  detail::LshKernels kernels;
+  detail::Kernel sampled;  // the dense kernel with the LSH score transform
   detail::Kernel dense;
   std::vector<float> corr;  // -ln(u + eps) at cos = -1 + 2 i / kCorrIntervals
-  std::vector<std::int32_t> lsh_natural, dense_natural, dense_q_natural;
+  std::vector<std::int32_t> lsh_natural, lsh_q_natural, dense_natural, dense_q_natural;
   std::vector<Scratch> scratch;
+  std::vector<std::uint16_t> step_codes;  // [B][Hq][L]: query codes of a step (shared projection)
 
   explicit Impl(const PagePoolOptions& o) : pool(o) {}
   const SimHash& proj_of(std::int32_t h) const noexcept {
@@ -188,12 +199,15 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
         im.proj.emplace_back(s.head_dim, config.K, config.L, seed, a->isa_);
       }
     }
-    im.kernels = detail::lsh_kernels_for(a->isa_, s.head_dim, s.kv_dtype);
+    im.sampled = detail::lsh_kernel_for(a->isa_, s.head_dim, s.kv_dtype);
     im.dense = detail::kernel_for(a->isa_, s.head_dim, s.kv_dtype, false);
-    if (im.kernels.dots == nullptr || im.dense.attend == nullptr)
+    if (im.sampled.attend == nullptr || im.dense.attend == nullptr)
       return {StatusCode::kInternal, "LshAttention: no kernel for this configuration"};
     for (std::int32_t i = 0; i < s.head_dim; ++i) {
-      im.lsh_natural.push_back(detail::natural_index(i, im.kernels.order, im.kernels.order_block));
+      im.lsh_natural.push_back(
+          detail::natural_index(i, im.sampled.acc_order, im.sampled.order_block));
+      im.lsh_q_natural.push_back(
+          detail::natural_index(i, im.sampled.q_order, im.sampled.order_block));
       im.dense_natural.push_back(
           detail::natural_index(i, im.dense.acc_order, im.dense.order_block));
       im.dense_q_natural.push_back(
@@ -457,41 +471,146 @@ struct Pass {
   const float* q;  // [gp][D] natural, unscaled
 };
 
+// Walks bucket qcodes[g][l] of every main table l for every head g, in the
+// order (g, l), as a software pipeline: the bucket bounds of task k + 16 and
+// the positions of task k + 8 are prefetched while task k is walked, so the
+// ~2 L gp cache misses (bounds, then positions) overlap instead of adding up.
+template <class Idx, class Visit>
+void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, std::int32_t gp,
+               Scratch& sc, Visit&& hit) {
+  constexpr std::int32_t kBounds = 16, kPositions = 8;
+  const std::int32_t n = L * gp;
+  // Task k is (head k / L, table k % L): one head's bitsets stay in L1 while
+  // its L buckets are walked.
+  auto bounds = [&](std::int32_t k) { return t.bucket_offsets(k % L, qcodes[k]); };
+  auto positions = [&](std::int32_t l) -> const Idx* {
+    if constexpr (sizeof(Idx) == 2)
+      return t.positions16(l);
+    else
+      return t.positions32(l);
+  };
+  std::uint32_t* range = sc.ranges.data();  // [n][2]
+  for (std::int32_t k = 0; k < std::min(n, kBounds); ++k) __builtin_prefetch(bounds(k));
+  for (std::int32_t k = 0; k < n + kPositions; ++k) {
+    if (k + kBounds < n) __builtin_prefetch(bounds(k + kBounds));
+    if (k < n) {
+      const std::uint32_t* o = bounds(k);
+      range[2 * k] = o[0];
+      range[2 * k + 1] = o[1];
+      const auto* first = reinterpret_cast<const char*>(positions(k % L) + o[0]);
+      const auto* last = reinterpret_cast<const char*>(positions(k % L) + o[1]);
+      for (const char* c = first; c < last && c < first + 512; c += 64) __builtin_prefetch(c);
+    }
+    const std::int32_t j = k - kPositions;
+    if (j >= 0) {
+      const std::int32_t g = j / L;
+      const Idx* pos = positions(j % L);
+      hit(g, pos + range[2 * j], pos + range[2 * j + 1]);
+    }
+  }
+}
+
 // Union of the positions the pass's query heads sample (relative to
-// sink_end), with mask[i] bit g set when head g samples i.
+// sink_end, ascending), with umask[j] bit g set when head g samples the j-th.
+// A position is sampled by head g when it shares the query's bucket in >= m
+// tables. For m <= 2 the counting is two bitsets per head (seen, sampled),
+// which stay in L1/L2 for 64K positions: hits[w] |= seen[w] & bit; seen[w] |= bit.
+// Larger m counts in epoch-stamped 16-bit counters (no clearing per step).
 void retrieve(const Pass& p, const std::uint16_t* qcodes, std::int32_t L, std::int32_t m, bool all,
               Scratch& sc) {
   sc.sampled.clear();
+  sc.umask.clear();
   const std::int64_t n = p.indexed_end - p.sink_end;
   if (n <= 0) return;
   if (all) {
     const auto every = static_cast<std::uint16_t>((1u << p.gp) - 1u);
     for (std::int64_t i = 0; i < n; ++i) {
       sc.sampled.push_back(static_cast<std::uint32_t>(i));
-      sc.mask[static_cast<std::size_t>(i)] = every;
+      sc.umask.push_back(every);
     }
     return;
   }
-  const std::uint16_t ep = sc.next_epoch();
-  const std::uint16_t stamp = static_cast<std::uint16_t>(ep << 8);
-  const auto mm = static_cast<std::uint16_t>(m);
-  const std::int64_t cap = sc.cap;
-  for (std::int32_t l = 0; l < L; ++l) {
-    for (std::int32_t g = 0; g < p.gp; ++g) {
-      std::uint16_t* cnt = sc.counters.data() + g * cap;
-      const auto bit = static_cast<std::uint16_t>(1u << g);
-      p.tables->for_each_in_bucket(l, qcodes[g * L + l], [&](std::uint32_t i) {
-        std::uint16_t c = cnt[i];
-        if ((c & 0xff00u) != stamp) c = stamp;
-        if ((c & 0xffu) < mm) {
-          ++c;
-          cnt[i] = c;
-          if ((c & 0xffu) == mm) {
-            if (sc.mask[i] == 0) sc.sampled.push_back(i);
-            sc.mask[i] = static_cast<std::uint16_t>(sc.mask[i] | bit);
-          }
-        }
-      });
+  const std::int64_t words = (n + 63) / 64;
+  const std::int64_t stride = (sc.cap + 63) / 64;
+  for (std::int32_t g = 0; g < p.gp; ++g) {
+    std::fill_n(sc.hits.data() + g * stride, words, std::uint64_t{0});
+    if (m == 2) std::fill_n(sc.seen.data() + g * stride, words, std::uint64_t{0});
+  }
+  const LshTables& t = *p.tables;
+  // hit(g, i) per position, through visitors of whole buckets so the loops
+  // over a bucket keep the head's arrays in registers.
+  auto walk = [&](auto&& hit) {
+    auto visit = [&](std::int32_t g, const auto* first, const auto* last) {
+      for (; first < last; ++first) hit(g, static_cast<std::uint32_t>(*first));
+    };
+    if (t.main_size() > 0) {
+      if (t.wide())
+        walk_main<std::uint32_t>(t, qcodes, L, p.gp, sc, visit);
+      else
+        walk_main<std::uint16_t>(t, qcodes, L, p.gp, sc, visit);
+    }
+    if (t.side_size() > 0)
+      for (std::int32_t g = 0; g < p.gp; ++g)
+        for (std::int32_t l = 0; l < L; ++l)
+          t.for_each_in_side(l, qcodes[g * L + l], [&](std::uint32_t i) { hit(g, i); });
+  };
+  std::uint64_t* const hits = sc.hits.data();
+  std::uint64_t* const seen = sc.seen.data();
+  if (m == 1) {
+    walk([=](std::int32_t g, std::uint32_t i) {
+      hits[g * stride + (i >> 6)] |= std::uint64_t{1} << (i & 63);
+    });
+  } else if (m == 2) {
+    // The hot loop of retrieval: a bucket at a time, the head's two bitsets
+    // (16 KiB at 64K positions) in L1.
+    auto bucket = [=](std::int32_t g, const auto* first, const auto* last) {
+      std::uint64_t* __restrict h = hits + g * stride;
+      std::uint64_t* __restrict se = seen + g * stride;
+      for (; first < last; ++first) {
+        const std::uint32_t i = *first;
+        const std::uint64_t bit = std::uint64_t{1} << (i & 63);
+        const std::uint64_t s1 = se[i >> 6];
+        h[i >> 6] |= s1 & bit;
+        se[i >> 6] = s1 | bit;
+      }
+    };
+    if (t.main_size() > 0) {
+      if (t.wide())
+        walk_main<std::uint32_t>(t, qcodes, L, p.gp, sc, bucket);
+      else
+        walk_main<std::uint16_t>(t, qcodes, L, p.gp, sc, bucket);
+    }
+    if (t.side_size() > 0)
+      for (std::int32_t g = 0; g < p.gp; ++g)
+        for (std::int32_t l = 0; l < L; ++l)
+          t.for_each_in_side(l, qcodes[g * L + l], [&](std::uint32_t i) { bucket(g, &i, &i + 1); });
+  } else {
+    const std::uint16_t stamp = static_cast<std::uint16_t>(sc.next_epoch() << 8);
+    const auto mm = static_cast<std::uint16_t>(m);
+    std::uint16_t* const counters = sc.counters.data();
+    const std::int64_t cap = sc.cap;
+    walk([=](std::int32_t g, std::uint32_t i) {
+      std::uint16_t* cnt = counters + g * cap;
+      std::uint16_t c = cnt[i];
+      if ((c & 0xff00u) != stamp) c = stamp;
+      if ((c & 0xffu) < mm) {
+        ++c;
+        cnt[i] = c;
+        if ((c & 0xffu) == mm) hits[g * stride + (i >> 6)] |= std::uint64_t{1} << (i & 63);
+      }
+    });
+  }
+  for (std::int64_t w = 0; w < words; ++w) {
+    std::uint64_t any = 0;
+    for (std::int32_t g = 0; g < p.gp; ++g) any |= sc.hits[g * stride + w];
+    while (any != 0) {
+      const int b = __builtin_ctzll(any);
+      any &= any - 1;
+      std::uint16_t mk = 0;
+      for (std::int32_t g = 0; g < p.gp; ++g)
+        mk = static_cast<std::uint16_t>(mk | (((sc.hits[g * stride + w] >> b) & 1u) << g));
+      sc.sampled.push_back(static_cast<std::uint32_t>(w * 64 + b));
+      sc.umask.push_back(mk);
     }
   }
 }
@@ -579,6 +698,30 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   const std::int32_t passes = (G + gmax - 1) / gmax;
   const std::int64_t items = std::int64_t{B} * Hk * passes;
 
+  // With one projection for all heads, the step's queries are hashed together
+  // first: the planes are read once per step instead of once per KV head.
+  const bool shared = im.proj.size() == 1;
+  if (shared) {
+    try {
+      im.step_codes.resize(static_cast<std::size_t>(B) * Hq * L);
+    } catch (const std::bad_alloc&) {
+      return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
+    }
+    constexpr std::int64_t kRows = 16;
+    const std::int64_t rows = std::int64_t{B} * Hq;
+    executor.parallel_for((rows + kRows - 1) / kRows, [&](std::int64_t c) {
+      alignas(64) float x[kRows * 256];
+      const std::int64_t r0 = c * kRows, nr = std::min(kRows, rows - r0);
+      for (std::int64_t r = 0; r < nr; ++r) {
+        const std::int64_t b = (r0 + r) / Hq, qh = (r0 + r) % Hq;
+        for (std::int32_t d = 0; d < D; ++d)
+          x[r * D + d] =
+              load_as_float(q.data, q.dtype, b * q.stride_batch + qh * q.stride_head + d);
+      }
+      im.proj[0].hash(x, nr, D, im.step_codes.data() + r0 * L);
+    });
+  }
+
   executor.parallel_for(items, [&](std::int64_t item) {
     const int slot = tbb::this_task_arena::current_thread_index();
     Scratch& sc = im.scratch[static_cast<std::size_t>(slot < 0 ? 0 : slot)];
@@ -590,7 +733,6 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
 
     // Queries of the pass: natural f32, their norms and q.mu.
     float* qf = sc.qf.data();
-    float* qk = sc.qk.data();  // kernel order of the LSH kernels
     float qn[kMaxGroupPerPass], qmu[kMaxGroupPerPass];
     std::uint16_t* qcodes = sc.qcodes.data();
     const float* mu = s.mu.data() + std::int64_t{h} * D;
@@ -605,7 +747,6 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
       }
       qn[g] = static_cast<float>(std::sqrt(n2));
       qmu[g] = static_cast<float>(dm);
-      for (std::int32_t i = 0; i < D; ++i) qk[g * D + i] = qf[g * D + im.lsh_natural[i]];
     }
 
     // Sampled part.
@@ -616,7 +757,11 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     const std::int64_t ni = s.indexed();
     if (ni > 0) {
       const LshTables& tab = s.tables[static_cast<std::size_t>(h)];
-      im.proj_of(h).hash(qf, gp, D, qcodes);
+      const std::uint16_t* codes = qcodes;
+      if (shared)
+        codes = im.step_codes.data() + (std::int64_t{b} * Hq + h * G + g0) * L;
+      else
+        im.proj_of(h).hash(qf, gp, D, qcodes);
       Pass p{&s.view,
              &tab,
              s.norms[static_cast<std::size_t>(h)].data(),
@@ -626,51 +771,40 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
              h,
              gp,
              qf};
-      retrieve(p, qcodes, L, config_.min_collisions, config_.sample_all, sc);
+      retrieve(p, codes, L, config_.min_collisions, config_.sample_all, sc);
       const auto nu = static_cast<std::int32_t>(sc.sampled.size());
       if (nu > 0) {
+        const float* norms = p.norms;
         for (std::int32_t j = 0; j < nu; ++j) {
           const auto rows = hattn::detail::row_at(s.view, 0, h, s.sink_end + sc.sampled[j]);
           sc.krows[j] = rows.k;
           sc.vrows[j] = rows.v;
+          sc.kn[j] = norms[sc.sampled[j]];
         }
-        const std::int32_t ld = nu;
-        float* dots = sc.dots.data();
-        im.kernels.dots(qk, gp, sc.krows.data(), nu, dots, ld);
-        const float* norms = p.norms;
-        float sums[kMaxGroupPerPass];
-        for (std::int32_t g = 0; g < gp; ++g) {
-          float* row = dots + std::int64_t{g} * ld;
-          const auto bit = static_cast<std::uint16_t>(1u << g);
-          float mx = kNegInf;
-          for (std::int32_t j = 0; j < nu; ++j) {
-            const std::uint32_t i = sc.sampled[j];
-            if (sc.mask[i] & bit) {
-              const float denom = qn[g] * norms[i];
-              const float c = denom > 0.0f ? (row[j] - qmu[g]) / denom : 0.0f;
-              row[j] = scale * row[j] + score_correction(c);
-              mx = std::max(mx, row[j]);
-            } else {
-              row[j] = kNegInf;
-            }
-          }
-          float sum = 0.0f;
-          for (std::int32_t j = 0; j < nu; ++j) {
-            const float w = row[j] == kNegInf ? 0.0f : std::exp(row[j] - mx);
-            row[j] = w;
-            sum += w;
-          }
-          sums[g] = sum;
-          lse_s[g] = sum > 0.0f ? (mx + std::log(sum)) * kLog2e : kNegInf;
-        }
+        // Padding the kernel's vector loads read.
+        std::fill_n(sc.kn.data() + nu, detail::kLshPad, 1.0f);
+        sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
         float* acc = sc.acc.data();
         std::fill_n(acc, gp * D, 0.0f);
-        im.kernels.accumulate(dots, ld, gp, sc.vrows.data(), nu, acc);
+        float m[kMaxGroupPerPass], l[kMaxGroupPerPass];
+        std::fill_n(m, gp, kNegInf);
+        std::fill_n(l, gp, 0.0f);
+        const float qs = scale * kLog2e;
+        const detail::LshScoreCtx ctx{
+            sc.kn.data(),  sc.umask.data(), qn,
+            qmu,           1.0f / qs,       config_.sample_all ? nullptr : im.corr.data(),
+            kCorrIntervals};
+        float* qd = sc.qd.data();
+        for (std::int32_t g = 0; g < gp; ++g)
+          for (std::int32_t i = 0; i < D; ++i) qd[g * D + i] = qf[g * D + im.lsh_q_natural[i]] * qs;
+        detail::AttendArgs args{qd, acc, m, l, 1, gp, sc.krows.data(), sc.vrows.data(), 0, 0, nu};
+        args.ctx = &ctx;
+        im.sampled.attend(args);
         for (std::int32_t g = 0; g < gp; ++g) {
-          const float inv = sums[g] > 0.0f ? 1.0f / sums[g] : 0.0f;
+          const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+          lse_s[g] = l[g] > 0.0f ? m[g] + std::log2(l[g]) : kNegInf;
           for (std::int32_t i = 0; i < D; ++i) os[g * D + im.lsh_natural[i]] = acc[g * D + i] * inv;
         }
-        for (std::uint32_t i : sc.sampled) sc.mask[i] = 0;
       }
     }
 

@@ -16,27 +16,32 @@ namespace hattn::cpu::detail {
 using HashFn = void (*)(const float* x, std::int64_t rows, std::int64_t x_stride, std::int32_t D,
                         const float* wt, std::int32_t J, std::uint64_t* bits) noexcept;
 
-// dots[g * ld + j] = q_g . k_j for n gathered rows; q is [G][D] in kernel order.
-using DotsFn = void (*)(const float* q, std::int32_t G, const std::byte* const* k, std::int32_t n,
-                        float* dots, std::int32_t ld) noexcept;
-
-// acc[g][:] += sum_j w[g * ld + j] v_j; acc is [G][D] in kernel order.
-using AccumulateFn = void (*)(const float* w, std::int32_t ld, std::int32_t G,
-                              const std::byte* const* v, std::int32_t n, float* acc) noexcept;
-
-struct LshKernels {
-  DotsFn dots = nullptr;
-  AccumulateFn accumulate = nullptr;
-  Order order = Order::kNatural;  // of q and acc
-  std::int32_t order_block = 0;
+// The sampled part runs the dense kernels (AttendArgs: rows by pointer,
+// online softmax in base 2, q pre-scaled by qscale = scale log2 e) with a
+// score transform. For head g (of the pass) and row j the kernel's score
+// s = qscale q_g.k_j becomes
+//   s + log2(e) corr(cos),  cos = (s / qscale - qmu[g]) / (qn[g] kn[j])
+// (clamped to [-1, 1]; 0 when kn[j] = 0), corr linearly interpolated in a
+// table of -ln(u + eps) at cos = -1 + 2 i / intervals (no correction when
+// corr is null), and -inf where umask[j] lacks bit g (head g did not sample
+// row j). AttendArgs::ctx points to this; AttendArgs::NH must be 1.
+struct LshScoreCtx {
+  const float* kn;             // [n + kLshPad]: |k_j - mu|; the padding is read, not used
+  const std::uint16_t* umask;  // [n + kLshPad]
+  const float* qn;             // [G]
+  const float* qmu;            // [G]: q_g . mu
+  float inv_qscale;
+  const float* corr;  // [intervals + 1] or null
+  std::int32_t intervals;
 };
+inline constexpr std::int32_t kLshPad = 16;
 
 HashFn lsh_hash_scalar() noexcept;
 HashFn lsh_hash_avx2() noexcept;
 HashFn lsh_hash_avx512() noexcept;
-LshKernels lsh_kernels_scalar(std::int32_t head_dim, DType kv) noexcept;
-LshKernels lsh_kernels_avx2(std::int32_t head_dim, DType kv) noexcept;
-LshKernels lsh_kernels_avx512(std::int32_t head_dim, DType kv) noexcept;
+Kernel lsh_kernel_scalar(std::int32_t head_dim, DType kv) noexcept;
+Kernel lsh_kernel_avx2(std::int32_t head_dim, DType kv) noexcept;
+Kernel lsh_kernel_avx512(std::int32_t head_dim, DType kv) noexcept;
 
 inline HashFn lsh_hash_for(CpuIsa isa) noexcept {
   switch (isa) {
@@ -47,13 +52,13 @@ inline HashFn lsh_hash_for(CpuIsa isa) noexcept {
   return lsh_hash_scalar();
 }
 
-inline LshKernels lsh_kernels_for(CpuIsa isa, std::int32_t head_dim, DType kv) noexcept {
+inline Kernel lsh_kernel_for(CpuIsa isa, std::int32_t head_dim, DType kv) noexcept {
   switch (isa) {
-    case CpuIsa::kAvx512: return lsh_kernels_avx512(head_dim, kv);
-    case CpuIsa::kAvx2: return lsh_kernels_avx2(head_dim, kv);
+    case CpuIsa::kAvx512: return lsh_kernel_avx512(head_dim, kv);
+    case CpuIsa::kAvx2: return lsh_kernel_avx2(head_dim, kv);
     case CpuIsa::kScalar: break;
   }
-  return lsh_kernels_scalar(head_dim, kv);
+  return lsh_kernel_scalar(head_dim, kv);
 }
 
 }  // namespace hattn::cpu::detail

@@ -3,7 +3,7 @@
 
 namespace hattn::cpu::detail {
 HashFn lsh_hash_avx2() noexcept { return &LshHash<xsimd::fma3<xsimd::avx2>>::run; }
-LshKernels lsh_kernels_avx2(std::int32_t head_dim, DType kv) noexcept {
-  return lsh_kernels_simd<xsimd::fma3<xsimd::avx2>>(head_dim, kv);
+Kernel lsh_kernel_avx2(std::int32_t head_dim, DType kv) noexcept {
+  return lsh_kernel_simd<xsimd::fma3<xsimd::avx2>>(head_dim, kv);
 }
 }  // namespace hattn::cpu::detail

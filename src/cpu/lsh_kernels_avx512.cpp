@@ -3,7 +3,7 @@
 
 namespace hattn::cpu::detail {
 HashFn lsh_hash_avx512() noexcept { return &LshHash<xsimd::avx512f>::run; }
-LshKernels lsh_kernels_avx512(std::int32_t head_dim, DType kv) noexcept {
-  return lsh_kernels_simd<xsimd::avx512f>(head_dim, kv);
+Kernel lsh_kernel_avx512(std::int32_t head_dim, DType kv) noexcept {
+  return lsh_kernel_simd<xsimd::avx512f>(head_dim, kv);
 }
 }  // namespace hattn::cpu::detail

@@ -1,4 +1,6 @@
 // Portable LSH kernels, for CPUs without AVX2 (and as a check on the others).
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/lsh_kernels.hpp"
@@ -31,41 +33,63 @@ float load(const std::byte* row, int d) noexcept {
   return to_float(x);
 }
 
+// The sampled kernel: the dense kernels' blocked online softmax in base 2,
+// with the score transform of LshScoreCtx.
 template <int D, class KvT>
-void dots_scalar(const float* q, std::int32_t G, const std::byte* const* k, std::int32_t n,
-                 float* out, std::int32_t ld) noexcept {
+void attend_scalar(const AttendArgs& a) noexcept {
+  constexpr int kBlock = 16;
+  const auto& c = *static_cast<const LshScoreCtx*>(a.ctx);
+  const float half = 0.5f * static_cast<float>(c.intervals);
   float row[D];
-  for (std::int32_t j = 0; j < n; ++j) {
-    for (int d = 0; d < D; ++d) row[d] = load<KvT>(k[j], d);
-    for (std::int32_t g = 0; g < G; ++g) {
-      float s = 0.0f;
-      for (int d = 0; d < D; ++d) s += q[std::int64_t{g} * D + d] * row[d];
-      out[std::int64_t{g} * ld + j] = s;
+  float s[kMaxGroupPerPass][kBlock];
+  for (std::int32_t t0 = 0; t0 < a.n; t0 += kBlock) {
+    const std::int32_t nb = std::min(kBlock, a.n - t0);
+    for (std::int32_t t = 0; t < nb; ++t) {
+      for (int d = 0; d < D; ++d) row[d] = load<KvT>(a.k[t0 + t], d);
+      for (std::int32_t g = 0; g < a.G; ++g) {
+        float dot = 0.0f;
+        for (int d = 0; d < D; ++d) dot += a.q[std::int64_t{g} * D + d] * row[d];
+        float sv = dot;
+        if (c.corr != nullptr) {
+          const float den = c.qn[g] * c.kn[t0 + t];
+          float cs = den > 0.0f ? (dot * c.inv_qscale - c.qmu[g]) / den : 0.0f;
+          cs = std::min(std::max(cs, -1.0f), 1.0f);
+          const float x = (cs + 1.0f) * half;
+          const std::int32_t i = std::min(static_cast<std::int32_t>(x), c.intervals - 1);
+          const float f = x - static_cast<float>(i);
+          sv += (c.corr[i] + f * (c.corr[i + 1] - c.corr[i])) * 1.4426950408889634f;
+        }
+        if (((c.umask[t0 + t] >> g) & 1u) == 0) sv = -INFINITY;
+        s[g][t] = sv;
+      }
     }
-  }
-}
-
-template <int D, class KvT>
-void accumulate_scalar(const float* w, std::int32_t ld, std::int32_t G, const std::byte* const* v,
-                       std::int32_t n, float* acc) noexcept {
-  float row[D];
-  for (std::int32_t j = 0; j < n; ++j) {
-    for (int d = 0; d < D; ++d) row[d] = load<KvT>(v[j], d);
-    for (std::int32_t g = 0; g < G; ++g) {
-      const float wg = w[std::int64_t{g} * ld + j];
-      for (int d = 0; d < D; ++d) acc[std::int64_t{g} * D + d] += wg * row[d];
+    for (std::int32_t g = 0; g < a.G; ++g) {
+      float bm = -INFINITY;
+      for (std::int32_t t = 0; t < nb; ++t) bm = std::max(bm, s[g][t]);
+      float* acc = a.acc + std::int64_t{g} * D;
+      if (bm > a.m[g]) {
+        const float alpha = std::exp2(a.m[g] - bm);
+        for (int d = 0; d < D; ++d) acc[d] *= alpha;
+        a.l[g] *= alpha;
+        a.m[g] = bm;
+      }
+      if (a.m[g] == -INFINITY) continue;
+      for (std::int32_t t = 0; t < nb; ++t) {
+        const float p = std::exp2(s[g][t] - a.m[g]);
+        if (p == 0.0f) continue;
+        a.l[g] += p;
+        for (int d = 0; d < D; ++d) acc[d] += p * load<KvT>(a.v[t0 + t], d);
+      }
     }
   }
 }
 
 template <int D>
-LshKernels by_type(DType kv) noexcept {
+Kernel by_type(DType kv) noexcept {
   switch (kv) {
-    case DType::kF32:
-      return {&dots_scalar<D, float>, &accumulate_scalar<D, float>, Order::kNatural, 1};
-    case DType::kF16: return {&dots_scalar<D, f16>, &accumulate_scalar<D, f16>, Order::kNatural, 1};
-    case DType::kBF16:
-      return {&dots_scalar<D, bf16>, &accumulate_scalar<D, bf16>, Order::kNatural, 1};
+    case DType::kF32: return {&attend_scalar<D, float>, Order::kNatural, Order::kNatural, 1};
+    case DType::kF16: return {&attend_scalar<D, f16>, Order::kNatural, Order::kNatural, 1};
+    case DType::kBF16: return {&attend_scalar<D, bf16>, Order::kNatural, Order::kNatural, 1};
   }
   return {};
 }
@@ -74,7 +98,7 @@ LshKernels by_type(DType kv) noexcept {
 
 HashFn lsh_hash_scalar() noexcept { return &hash_scalar; }
 
-LshKernels lsh_kernels_scalar(std::int32_t head_dim, DType kv) noexcept {
+Kernel lsh_kernel_scalar(std::int32_t head_dim, DType kv) noexcept {
   switch (head_dim) {
     case 64: return by_type<64>(kv);
     case 128: return by_type<128>(kv);

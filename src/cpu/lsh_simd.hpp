@@ -84,88 +84,75 @@ struct LshHash {
   }
 };
 
-template <class A, int D, class KvT>
-struct LshAttend {
+// Lanes t whose umask[t] lacks bit `head` become -inf.
+template <class A>
+struct SampledMask;
+
+#if defined(__AVX512F__)
+template <>
+struct SampledMask<xsimd::avx512f> {
+  static xsimd::batch<float, xsimd::avx512f> apply(xsimd::batch<float, xsimd::avx512f> s,
+                                                   const std::uint16_t* um, int head) noexcept {
+    const __m512i m =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(um)));
+    const __mmask16 keep = _mm512_test_epi32_mask(m, _mm512_set1_epi32(1 << head));
+    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, s);
+  }
+};
+#endif
+
+#if defined(__AVX2__)
+template <>
+struct SampledMask<xsimd::fma3<xsimd::avx2>> {
+  using B = xsimd::batch<float, xsimd::fma3<xsimd::avx2>>;
+  static B apply(B s, const std::uint16_t* um, int head) noexcept {
+    const __m256i m = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(um)));
+    const __m256i bit = _mm256_set1_epi32(1 << head);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(m, bit), bit));
+    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, keep);
+  }
+};
+#endif
+
+// The sampled-attention score transform (see LshScoreCtx) as a SimdAttend
+// score policy: W rows starting at t0, query head `head` of the pass.
+template <class A>
+struct LshScores {
   using B = xsimd::batch<float, A>;
-  using Load = RowLoad<A, KvT>;
+  using I = xsimd::batch<std::int32_t, A>;
   static constexpr int W = static_cast<int>(B::size);
-  static constexpr int kNV = D / W;
-  static constexpr int kLoads = kNV / Load::kVecs;
-  static constexpr int kLines = static_cast<int>(D * sizeof(KvT) / 64);
-  static constexpr int kAhead = 8;  // rows prefetched ahead
-  static constexpr int kSlice = kNV < 4 ? kNV : 4;
-  static constexpr int kHeadTile = 4;
-  static constexpr int kBlock = 32;  // V rows per block (8 KiB of bf16 at D = 128)
+  static constexpr bool kRowPrefetch = true;
 
-  static void prefetch_row(const std::byte* p) noexcept {
-    for (int c = 0; c < kLines; ++c) __builtin_prefetch(p + 64 * c, 0, 3);
-  }
-
-  static void dots(const float* q, std::int32_t G, const std::byte* const* k, std::int32_t n,
-                   float* out, std::int32_t ld) noexcept {
-    for (int j = 0; j < std::min(n, kAhead); ++j) prefetch_row(k[j]);
-    for (std::int32_t j = 0; j < n; ++j) {
-      if (j + kAhead < n) prefetch_row(k[j + kAhead]);
-      B row[kNV];
-      for (int i = 0; i < kLoads; ++i) Load::load(k[j], i, row + i * Load::kVecs);
-      for (std::int32_t g = 0; g < G; ++g) {
-        const float* qg = q + std::int64_t{g} * D;
-        B acc = row[0] * B::load_unaligned(qg);
-        for (int v = 1; v < kNV; ++v) acc = xsimd::fma(row[v], B::load_unaligned(qg + v * W), acc);
-        out[std::int64_t{g} * ld + j] = xsimd::hadd(acc);
-      }
+  static B apply(const AttendArgs& a, B s, int t0, int head) noexcept {
+    const auto& c = *static_cast<const LshScoreCtx*>(a.ctx);
+    const B zero(0.0f), one(1.0f);
+    if (c.corr != nullptr) {
+      const B d = s * B(c.inv_qscale);
+      const B den = B(c.qn[head]) * B::load_unaligned(c.kn + t0);
+      B cs = xsimd::select(den > zero, (d - B(c.qmu[head])) / den, zero);
+      cs = xsimd::min(xsimd::max(cs, B(-1.0f)), one);
+      const B x = (cs + one) * B(0.5f * static_cast<float>(c.intervals));
+      const I i = xsimd::min(xsimd::to_int(x), I(c.intervals - 1));
+      const B f = x - xsimd::to_float(i);
+      const B t0v = B::gather(c.corr, i), t1v = B::gather(c.corr, i + I(1));
+      s = xsimd::fma(xsimd::fma(f, t1v - t0v, t0v), B(1.4426950408889634f), s);
     }
-  }
-
-  template <int HT>
-  static void tile(const float* w, std::int32_t ld, const std::byte* const* v, std::int32_t j0,
-                   std::int32_t nb, int s, float* acc) noexcept {
-    B a[HT][kSlice];
-    for (int h = 0; h < HT; ++h)
-      for (int i = 0; i < kSlice; ++i) a[h][i] = B::load_unaligned(acc + h * D + (s + i) * W);
-    for (std::int32_t j = j0; j < j0 + nb; ++j) {
-      B row[kSlice];
-      for (int i = 0; i < kSlice / Load::kVecs; ++i)
-        Load::load(v[j], s / Load::kVecs + i, row + i * Load::kVecs);
-      for (int h = 0; h < HT; ++h) {
-        const B wb(w[std::int64_t{h} * ld + j]);
-        for (int i = 0; i < kSlice; ++i) a[h][i] = xsimd::fma(row[i], wb, a[h][i]);
-      }
-    }
-    for (int h = 0; h < HT; ++h)
-      for (int i = 0; i < kSlice; ++i) a[h][i].store_unaligned(acc + h * D + (s + i) * W);
-  }
-
-  static void accumulate(const float* w, std::int32_t ld, std::int32_t G, const std::byte* const* v,
-                         std::int32_t n, float* acc) noexcept {
-    for (int j = 0; j < std::min(n, kBlock); ++j) prefetch_row(v[j]);
-    for (std::int32_t j0 = 0; j0 < n; j0 += kBlock) {
-      const std::int32_t nb = std::min<std::int32_t>(kBlock, n - j0);
-      for (std::int32_t j = j0 + kBlock; j < std::min(n, j0 + 2 * kBlock); ++j) prefetch_row(v[j]);
-      for (int s = 0; s < kNV; s += kSlice) {
-        std::int32_t g = 0;
-        for (; g + kHeadTile <= G; g += kHeadTile)
-          tile<kHeadTile>(w + std::int64_t{g} * ld, ld, v, j0, nb, s, acc + std::int64_t{g} * D);
-        for (; g < G; ++g)
-          tile<1>(w + std::int64_t{g} * ld, ld, v, j0, nb, s, acc + std::int64_t{g} * D);
-      }
-    }
+    return SampledMask<A>::apply(s, c.umask + t0, head);
   }
 };
 
-template <class A, int D, class KvT>
-LshKernels lsh_kernels_of() noexcept {
-  return {&LshAttend<A, D, KvT>::dots, &LshAttend<A, D, KvT>::accumulate, RowLoad<A, KvT>::kOrder,
-          2 * static_cast<std::int32_t>(xsimd::batch<float, A>::size)};
-}
-
 template <class A>
-LshKernels lsh_kernels_simd(std::int32_t head_dim, DType kv) noexcept {
-  auto by_type = [&]<int D>() -> LshKernels {
+Kernel lsh_kernel_simd(std::int32_t head_dim, DType kv) noexcept {
+  auto of = [&]<int D, class KvT>() -> Kernel {
+    constexpr Order o = RowLoad<A, KvT>::kOrder;
+    return {&SimdAttend<A, D, KvT, 8, LshScores<A>>::run, o, o,
+            2 * static_cast<std::int32_t>(xsimd::batch<float, A>::size)};
+  };
+  auto by_type = [&]<int D>() -> Kernel {
     switch (kv) {
-      case DType::kF32: return lsh_kernels_of<A, D, float>();
-      case DType::kF16: return lsh_kernels_of<A, D, f16>();
-      case DType::kBF16: return lsh_kernels_of<A, D, bf16>();
+      case DType::kF32: return of.template operator()<D, float>();
+      case DType::kF16: return of.template operator()<D, f16>();
+      case DType::kBF16: return of.template operator()<D, bf16>();
     }
     return {};
   };

@@ -41,7 +41,10 @@ class LshTables {
   // first, ascending within each.
   template <class F>
   void for_each_in_bucket(std::int32_t l, std::uint32_t code, F&& f) const {
-    if (main_size_ == 0 && side_size_ == 0) return;
+    if (main_size_ == 0) {
+      for_each_in_side(l, code, f);
+      return;
+    }
     const std::size_t ob = static_cast<std::size_t>(l) * (bucket_count() + 1);
     const std::uint32_t b = offsets_[ob + code], e = offsets_[ob + code + 1];
     const std::size_t base = static_cast<std::size_t>(l) * static_cast<std::size_t>(main_size_);
@@ -50,22 +53,38 @@ class LshTables {
     } else {
       for (std::uint32_t i = b; i < e; ++i) f(static_cast<std::uint32_t>(idx16_[base + i]));
     }
-    if (side_size_ > 0) {
-      const std::uint64_t* s = side_.data() + static_cast<std::size_t>(l) * side_size_;
-      const std::uint64_t* end = s + side_size_;
-      const std::uint64_t key = std::uint64_t{code} << 32;
-      // First entry with this code (entries sort by code, then position).
-      std::size_t lo = 0, hi = static_cast<std::size_t>(side_size_);
-      while (lo < hi) {
-        const std::size_t mid = (lo + hi) / 2;
-        if (s[mid] < key)
-          lo = mid + 1;
-        else
-          hi = mid;
-      }
-      for (const std::uint64_t* p = s + lo; p < end && (*p >> 32) == code; ++p)
-        f(static_cast<std::uint32_t>(*p));
+    for_each_in_side(l, code, f);
+  }
+
+  // Raw access for batched walks (retrieval prefetches buckets of many tables
+  // before walking them). Valid while main_size() > 0.
+  const std::uint32_t* bucket_offsets(std::int32_t l, std::uint32_t code) const noexcept {
+    return offsets_.data() + static_cast<std::size_t>(l) * (bucket_count() + 1) + code;
+  }
+  const std::uint16_t* positions16(std::int32_t l) const noexcept {
+    return idx16_.data() + static_cast<std::size_t>(l) * static_cast<std::size_t>(main_size_);
+  }
+  const std::uint32_t* positions32(std::int32_t l) const noexcept {
+    return idx32_.data() + static_cast<std::size_t>(l) * static_cast<std::size_t>(main_size_);
+  }
+  // f(position) for the side-table entries of bucket `code` of table l.
+  template <class F>
+  void for_each_in_side(std::int32_t l, std::uint32_t code, F&& f) const {
+    if (side_size_ == 0) return;
+    const std::uint64_t* s = side_.data() + static_cast<std::size_t>(l) * side_size_;
+    const std::uint64_t* end = s + side_size_;
+    const std::uint64_t key = std::uint64_t{code} << 32;
+    // First entry with this code (entries sort by code, then position).
+    std::size_t lo = 0, hi = static_cast<std::size_t>(side_size_);
+    while (lo < hi) {
+      const std::size_t mid = (lo + hi) / 2;
+      if (s[mid] < key)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
+    for (const std::uint64_t* p = s + lo; p < end && (*p >> 32) == code; ++p)
+      f(static_cast<std::uint32_t>(*p));
   }
 
   // Main-table views (after compact() they hold everything).
