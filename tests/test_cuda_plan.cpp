@@ -83,12 +83,15 @@ TEST_CASE("cuda plan: chunk split bounds", "[cuda][plan]") {
             if (len > 0) CHECK(std::int64_t{s.num_chunks - 1} * s.chunk_tokens < len);
             if (s.num_chunks > 1) CHECK(s.chunk_tokens >= hcd::kMinChunkTokens);
             const std::int64_t units = hcd::work_units(p);
-            if (units >= std::int64_t{sms} * hcd::kCtasPerSm) CHECK(s.num_chunks == 1);
+            const std::int64_t target = hcd::target_ctas(p, sms);
+            if (units * 2 > target) CHECK(s.num_chunks == 1);
+            // Never more CTAs than one wave, unless unsplit.
+            if (s.num_chunks > 1) CHECK(units * s.num_chunks <= target);
             // Enough CTAs for the SMs unless a limit (min chunk, max chunks) says
             // otherwise; rounding chunks up to kChunkAlign tokens (at most 64 on
             // >= 256) may drop up to a fifth of them.
             const std::int64_t want = std::min(
-                {(std::int64_t{sms} * hcd::kCtasPerSm + units - 1) / units,
+                {std::max<std::int64_t>(1, target / units),
                  std::max<std::int64_t>(1, len / hcd::kMinChunkTokens), hcd::max_chunks(p)});
             CHECK(4 * std::int64_t{s.num_chunks} >= 3 * want);
             // More SMs never means fewer chunks.

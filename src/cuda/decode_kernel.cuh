@@ -58,6 +58,14 @@ inline constexpr int kRowsPerIteration =
         ? (W <= 2 ? 128 : (W == 4 ? 64 : 32)) / RowShape<T, D>::kLaneBytes
         : 1;
 
+// CTAs of 128 threads each SM should hold (caps registers at 65536 / (128 *
+// this)); plan.hpp's resident_ctas_per_sm() must agree. Widths up to 4 fit
+// 128 registers without spilling (ptxas, sm_90): 4 CTAs. Width 8 keeps 8 q
+// and 8 accumulator slices per lane (about 220 registers): 2 CTAs; capping it
+// at 168 registers (3 CTAs) spills 108-156 bytes per thread, untried on a GPU.
+template <int W>
+inline constexpr int kMinCtasPerSm = W <= 4 ? 4 : 2;
+
 // Length of sequence b from the device page table or lengths, checked: a bad
 // entry makes the sequence empty and is recorded (once, by CTA thread 0).
 __device__ __forceinline__ std::int64_t sequence_length(const DecodeParams& p, int b,
@@ -146,7 +154,8 @@ __device__ __forceinline__ void load_row(const KvBits<T>* row,
 }
 
 template <class T, int D, int W, bool kAligned>
-__global__ void __launch_bounds__(kThreadsPerCta) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
+    decode_kernel(const DecodeParams p) {
   using S = RowShape<T, D>;
   using Bits = KvBits<T>;
   constexpr int L = S::kLanes, E = S::kElems, NW = S::kWords;

@@ -59,9 +59,11 @@ inline constexpr std::int64_t kChunkAlign = 64;
 // A sequence is not split into chunks shorter than this (each chunk adds a
 // partial of head_dim + 1 floats per query head to write and merge).
 inline constexpr std::int64_t kMinChunkTokens = 256;
-// CTAs per SM a step aims for: the kernels keep 2-4 CTAs of 128 threads
-// resident per SM; a few waves of them balance ragged work.
-inline constexpr std::int64_t kCtasPerSm = 4;
+// CTAs of a kernel of this group width resident per SM (the kernels'
+// __launch_bounds__ and register counts: 4 up to width 4, 2 at width 8).
+constexpr std::int64_t resident_ctas_per_sm(std::int32_t width) noexcept {
+  return width <= 4 ? 4 : 2;
+}
 // Upper bound on the CTAs of a split step, whatever the SM count: bounds the
 // partials, hence workspace_size, independently of the device.
 inline constexpr std::int64_t kMaxSplitCtas = 4096;
@@ -99,14 +101,21 @@ struct ChunkSplit {
   std::int64_t chunk_tokens;
 };
 
-// Enough CTAs to fill `sm_count` SMs kCtasPerSm times over, but no chunk
-// shorter than kMinChunkTokens and no more than max_chunks(p).
+// CTAs that fill every SM once (one wave).
+inline std::int64_t target_ctas(const DecodeProblem& p, std::int32_t sm_count) noexcept {
+  return std::int64_t{std::max(1, sm_count)} *
+         resident_ctas_per_sm(split_group(p.group_size()).width);
+}
+
+// As many chunks as fit the CTAs in one wave (equal lengths then finish
+// together: a second, partial wave would nearly double the time), but no
+// chunk shorter than kMinChunkTokens and no more than max_chunks(p).
 inline ChunkSplit split_chunks(const DecodeProblem& p, std::int64_t max_len,
                                std::int32_t sm_count) noexcept {
   if (max_len <= 0) return {1, kChunkAlign};
   const std::int64_t units = work_units(p);
-  const std::int64_t target = std::int64_t{std::max(1, sm_count)} * kCtasPerSm;
-  std::int64_t chunks = units >= target ? 1 : (target + units - 1) / units;
+  const std::int64_t target = target_ctas(p, sm_count);
+  std::int64_t chunks = std::max<std::int64_t>(1, target / units);
   chunks = std::min(chunks, std::max<std::int64_t>(1, max_len / kMinChunkTokens));
   chunks = std::min(chunks, max_chunks(p));
   std::int64_t tokens = (max_len + chunks - 1) / chunks;
