@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -68,6 +69,16 @@ class DecodeInputs {
   };
   const Values& values() const { return values_; }
 
+  // The memory behind the views (to mirror it on a device: the views point
+  // into these, at the same offsets).
+  struct Storage {
+    std::span<const std::byte> q, k, v;  // v is empty when V is interleaved in k
+    std::span<const std::int32_t> indptr, indices, last_page_len, seq_lens;
+  };
+  Storage storage() const {
+    return {q_mem_, k_mem_, v_mem_, indptr_, indices_, last_page_len_, seq_lens_};
+  }
+
  private:
   Values values_;
   hattn::DecodeProblem problem_{};
@@ -91,6 +102,10 @@ class OutputBuffer {
   std::string check_untouched() const;
   // Raw bytes of the addressed o and lse2 elements, for bitwise comparisons.
   std::vector<std::byte> bits() const;
+  // All the memory behind view() (the view points at the start of each), to
+  // mirror it on a device and copy results back.
+  std::span<std::byte> o_memory() { return o_mem_; }
+  std::span<std::byte> lse_memory() { return lse_mem_; }
 
  private:
   hattn::PartialView view_{};

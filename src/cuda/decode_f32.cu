@@ -1,0 +1,11 @@
+// Decode kernels for f32 KV: every supported head dim x group width x row
+// alignment (one translation unit per KV dtype keeps each nvcc job small).
+#include "cuda/decode_kernel.cuh"
+
+namespace hattn::cuda::detail {
+
+DecodeLaunchFn decode_launcher_f32(int head_dim, int group_width, bool aligned) noexcept {
+  return find_decode_launcher<float>(head_dim, group_width, aligned);
+}
+
+}  // namespace hattn::cuda::detail

@@ -1,0 +1,376 @@
+#pragma once
+// The split-KV decode kernel, templated on (KV storage type, head dim, group
+// width W, 16-byte aligned rows). Included by one .cu file per KV dtype.
+//
+// One CTA = (sequence b, KV head hk, pass over up to W of its query heads,
+// chunk c of the sequence's tokens); 128 threads = 4 warps.
+//
+// A row (one token's head_dim elements of K or V) is read by L lanes, each
+// owning E consecutive elements loaded as 16-byte vectors (8 bf16/f16, 4 f32):
+//   bf16/f16: D = 64 -> L = 8, 128 -> 16, 256 -> 32;  f32: 64 -> 16, 128/256 -> 32.
+// So a warp holds 32 / L "row groups" and the CTA NG = 4 * 32 / L of them.
+// Each iteration a row group loads R rows of K and of V (R tokens, all loads
+// issued before any is used), then for each of its W query heads, whose
+// q slices sit in registers, forms the partial dot products over its E
+// elements and sums them over the L lanes with xor-shuffles (every lane ends
+// with the same bits), and runs the online softmax in base 2 once per R tokens
+// (one rescale of the accumulators per R tokens, only when the max grows); then
+// accumulates p * V into its E-element slice of W accumulators. Every K/V
+// element is loaded once and used by all W query heads of the pass: the GQA
+// sharing. R keeps W * R scores and 2 * R rows in registers at 32-128 bytes
+// per lane per tensor: R = 8, 4, 2 rows of 16 bytes for W <= 2, 4, 8.
+//
+// At the end the NG row groups' states (m, l, acc) are merged through shared
+// memory, and the CTA writes either the final (o, lse2) (one chunk) or its
+// chunk partial in f32 (several chunks; merge_chunks combines them).
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/device_common.cuh"
+#include "cuda/params.hpp"
+#include "hattn/core/dispatch.hpp"
+#include "hattn/core/supported.hpp"
+#include "hattn/cuda/dense_decode.hpp"
+#include "hattn/cuda/detail/merge_math.hpp"
+#include "hattn/cuda/plan.hpp"
+
+namespace hattn::cuda::detail {
+
+template <class T, int D>
+struct RowShape {
+  static constexpr int kRowBytes = D * static_cast<int>(sizeof(T));
+  static constexpr int kLanes = kRowBytes / 16 < 32 ? kRowBytes / 16 : 32;  // per row
+  static constexpr int kElems = D / kLanes;                                 // per lane
+  static constexpr int kLaneBytes = kElems * static_cast<int>(sizeof(T));
+  static constexpr int kVecs = kLaneBytes / 16;  // 16-byte loads per lane per row
+  static constexpr int kWords = kLaneBytes / 4;
+  static constexpr int kGroupsPerWarp = 32 / kLanes;
+  static_assert(kLanes * kElems == D && kLaneBytes % 16 == 0 && 32 % kLanes == 0);
+};
+
+// Rows per row group per iteration: a budget of bytes per lane per tensor.
+template <class T, int D, int W>
+inline constexpr int kRowsPerIteration =
+    (W <= 2 ? 128 : (W == 4 ? 64 : 32)) / RowShape<T, D>::kLaneBytes > 0
+        ? (W <= 2 ? 128 : (W == 4 ? 64 : 32)) / RowShape<T, D>::kLaneBytes
+        : 1;
+
+// CTAs of 128 threads each SM should hold (caps registers at 65536 / (128 *
+// this)); plan.hpp's resident_ctas_per_sm() must agree. Widths up to 4 fit
+// 128 registers without spilling (ptxas, sm_90): 4 CTAs. Width 8 keeps 8 q
+// and 8 accumulator slices per lane (about 220 registers): 2 CTAs; capping it
+// at 168 registers (3 CTAs) spills 108-156 bytes per thread, untried on a GPU.
+template <int W>
+inline constexpr int kMinCtasPerSm = W <= 4 ? 4 : 2;
+
+// Length of sequence b from the device page table or lengths, checked: a bad
+// entry makes the sequence empty and is recorded (once, by CTA thread 0).
+__device__ __forceinline__ std::int64_t sequence_length(const DecodeParams& p, int b,
+                                                        std::int32_t* page_begin) {
+  std::uint32_t err = 0;
+  std::int64_t len = 0;
+  *page_begin = 0;
+  if (p.paged) {
+    const std::int32_t i0 = p.indptr[b], i1 = p.indptr[b + 1];
+    if (i0 < 0 || i1 < i0) {
+      err = kErrorIndptr;
+    } else if (i1 > i0) {
+      const std::int32_t last = p.last_page_len[b];
+      if (last < 1 || last > p.page_size) {
+        err = kErrorLastPageLen;
+      } else {
+        len = std::int64_t{i1 - i0 - 1} * p.page_size + last;
+        *page_begin = i0;
+      }
+    }
+  } else {
+    len = p.seq_lens[b];
+    if (len < 0 || len > p.max_seq_len) err = kErrorSeqLen;
+  }
+  if (err == 0 && len >= kMaxSeqLen) err = kErrorSeqLen;
+  if (err != 0) {
+    if (threadIdx.x == 0) atomicOr(p.error_flags, err);
+    len = 0;
+  }
+  return len;
+}
+
+// Element offsets of token t's K and V rows (head 0); false when its page
+// index is unusable (recorded).
+__device__ __forceinline__ bool token_offsets(const DecodeParams& p, int b, std::int32_t page_begin,
+                                              std::uint32_t t, std::int64_t* koff,
+                                              std::int64_t* voff) {
+  if (!p.paged) {
+    *koff = std::int64_t{b} * p.k_outer + std::int64_t{t} * p.k_token;
+    *voff = std::int64_t{b} * p.v_outer + std::int64_t{t} * p.v_token;
+    return true;
+  }
+  if (p.indices == nullptr) {
+    atomicOr(p.error_flags, kErrorNullIndices);
+    return false;
+  }
+  std::uint32_t slot, off;
+  p.page_div.divmod(t, slot, off);
+  const std::int64_t page = __ldg(p.indices + page_begin + slot);
+  if (page < 0 || page >= p.num_pages) {
+    atomicOr(p.error_flags, kErrorPageIndex);
+    return false;
+  }
+  *koff = page * p.k_outer + std::int64_t{off} * p.k_token;
+  *voff = page * p.v_outer + std::int64_t{off} * p.v_token;
+  return true;
+}
+
+// This lane's E elements of one row as packed words. Streaming loads
+// (evict-first): the KV is read once per step.
+template <class T, int D, bool kAligned>
+__device__ __forceinline__ void load_row(const KvBits<T>* row,
+                                         std::uint32_t (&w)[RowShape<T, D>::kWords]) {
+  using S = RowShape<T, D>;
+  if constexpr (kAligned) {
+    const uint4* v = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+    for (int j = 0; j < S::kVecs; ++j) {
+      const uint4 x = __ldcs(v + j);
+      w[4 * j] = x.x;
+      w[4 * j + 1] = x.y;
+      w[4 * j + 2] = x.z;
+      w[4 * j + 3] = x.w;
+    }
+  } else if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int j = 0; j < S::kWords; ++j)
+      w[j] =
+          std::uint32_t{__ldcs(reinterpret_cast<const unsigned short*>(row) + 2 * j)} |
+          (std::uint32_t{__ldcs(reinterpret_cast<const unsigned short*>(row) + 2 * j + 1)} << 16);
+  } else {
+#pragma unroll
+    for (int j = 0; j < S::kWords; ++j)
+      w[j] = __ldcs(reinterpret_cast<const unsigned int*>(row) + j);
+  }
+}
+
+template <class T, int D, int W, bool kAligned>
+__global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
+    decode_kernel(const DecodeParams p) {
+  using S = RowShape<T, D>;
+  using Bits = KvBits<T>;
+  constexpr int L = S::kLanes, E = S::kElems, NW = S::kWords;
+  constexpr int kWarps = kThreadsPerCta / 32;
+  constexpr int NG = kWarps * S::kGroupsPerWarp;  // row groups per CTA
+  constexpr int R = kRowsPerIteration<T, D, W>;
+  constexpr int kStep = NG * R;  // tokens per CTA iteration
+  static_assert(kChunkAlign % kStep == 0 || kStep % kChunkAlign == 0);
+
+  __shared__ __align__(16) float s_acc[NG * W * D];
+  __shared__ float s_m[NG * W], s_l[NG * W], s_w[NG * W];
+  __shared__ float s_inv[W], s_lse[W];
+
+  // Which work: blockIdx.x = ((b * kv_heads + hk) * passes + pass) * chunks + c.
+  std::int64_t cta = blockIdx.x;
+  const int c = static_cast<int>(cta % p.num_chunks);
+  cta /= p.num_chunks;
+  const int pass = static_cast<int>(cta % p.num_passes);
+  cta /= p.num_passes;
+  const int hk = static_cast<int>(cta % p.kv_heads);
+  const int b = static_cast<int>(cta / p.kv_heads);
+  const int g0 = pass * p.heads_per_pass;
+  const int ng = min(p.heads_per_pass, p.group - g0);  // heads this CTA writes, <= W
+
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int grp = (tid / 32) * S::kGroupsPerWarp + lane / L;
+  const int e0 = (lane % L) * E;
+
+  std::int32_t page_begin = 0;
+  const std::int64_t len = sequence_length(p, b, &page_begin);
+  const TokenRange range = chunk_range(c, p.num_chunks, p.chunk_tokens, len);
+  const int t_begin = static_cast<int>(range.begin), t_end = static_cast<int>(range.end);
+
+  // This lane's slice of the pass's query rows, pre-scaled to base-2 scores.
+  float q[W][E];
+#pragma unroll
+  for (int g = 0; g < W; ++g) {
+    const std::int64_t at = std::int64_t{b} * p.q_stride_batch +
+                            std::int64_t{hk * p.group + g0 + g} * p.q_stride_head + e0;
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      q[g][e] = g < ng ? load_as_f32(p.q, p.q_dtype, at + e) * p.q_scale : 0.0f;
+  }
+
+  float m[W], l[W], acc[W][E];
+#pragma unroll
+  for (int g = 0; g < W; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
+  }
+
+  const Bits* kbase = static_cast<const Bits*>(p.k) + std::int64_t{hk} * p.k_head + e0;
+  const Bits* vbase = static_cast<const Bits*>(p.v) + std::int64_t{hk} * p.v_head + e0;
+
+  // Trip count is the same for every thread: the shuffles below see all lanes.
+  for (int base = t_begin; base < t_end; base += kStep) {
+    std::uint32_t kw[R][NW], vw[R][NW];
+    bool ok[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int t = base + u * NG + grp;
+      std::int64_t koff = 0, voff = 0;
+      ok[u] =
+          t < t_end && token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff);
+      if (ok[u]) {
+        load_row<T, D, kAligned>(kbase + koff, kw[u]);
+        load_row<T, D, kAligned>(vbase + voff, vw[u]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < NW; ++j) kw[u][j] = vw[u][j] = 0u;
+      }
+    }
+
+    // Scores s[u][g] = q_g . k_u (base 2), summed over the row's L lanes.
+    float s[R][W];
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      float kf[E];
+      widen<T>(kw[u], kf);
+#pragma unroll
+      for (int g = 0; g < W; ++g) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot = fmaf(q[g][e], kf[e], dot);
+        s[u][g] = dot;
+      }
+    }
+#pragma unroll
+    for (int off = L / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int g = 0; g < W; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
+
+          // Online softmax, once per R tokens; s becomes the weights p.
+#pragma unroll
+    for (int g = 0; g < W; ++g) {
+      float mt = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        if (!ok[u]) s[u][g] = -INFINITY;
+        mt = fmaxf(mt, s[u][g]);
+      }
+      const float mn = fmaxf(m[g], mt);
+      if (mn == -INFINITY) {  // nothing seen yet by this row group
+#pragma unroll
+        for (int u = 0; u < R; ++u) s[u][g] = 0.0f;
+        continue;
+      }
+      const float scale = exp2f(m[g] - mn);  // 0 when m was -inf
+      float sum = 0.0f;
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        s[u][g] = exp2f(s[u][g] - mn);  // 0 for masked tokens
+        sum += s[u][g];
+      }
+      l[g] = fmaf(l[g], scale, sum);
+      if (mn > m[g]) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[g][e] *= scale;
+        m[g] = mn;
+      }
+    }
+
+    // acc_g += p_ug * v_u over this lane's elements.
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      float vf[E];
+      widen<T>(vw[u], vf);
+#pragma unroll
+      for (int g = 0; g < W; ++g)
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[g][e] = fmaf(s[u][g], vf[e], acc[g][e]);
+    }
+  }
+
+  // Merge the NG row groups of the CTA.
+#pragma unroll
+  for (int g = 0; g < W; ++g) {
+    const int slot = grp * W + g;
+    if (lane % L == 0) {
+      s_m[slot] = m[g];
+      s_l[slot] = l[g];
+    }
+    float4* dst = reinterpret_cast<float4*>(s_acc + slot * D + e0);
+#pragma unroll
+    for (int j = 0; j < E / 4; ++j)
+      dst[j] = make_float4(acc[g][4 * j], acc[g][4 * j + 1], acc[g][4 * j + 2], acc[g][4 * j + 3]);
+  }
+  __syncthreads();
+  if (tid < W) {
+    const int g = tid;
+    float mx = -INFINITY;
+    for (int i = 0; i < NG; ++i) mx = fmaxf(mx, s_m[i * W + g]);
+    float sum = 0.0f;
+    for (int i = 0; i < NG; ++i) {
+      const float w = chunk_weight(s_m[i * W + g], mx);
+      s_w[i * W + g] = w;
+      sum = fmaf(s_l[i * W + g], w, sum);
+    }
+    s_inv[g] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    s_lse[g] = merged_lse(mx, sum);
+  }
+  __syncthreads();
+
+  const bool split = p.num_chunks > 1;
+  const std::int64_t part_row = (std::int64_t{b} * p.num_chunks + c) * p.q_heads;
+  for (int i = tid; i < ng * D; i += kThreadsPerCta) {
+    const int g = i / D, d = i % D;
+    float o = 0.0f;
+#pragma unroll 4
+    for (int r = 0; r < NG; ++r) {
+      const float w = s_w[r * W + g];
+      if (w != 0.0f) o = fmaf(w, s_acc[(r * W + g) * D + d], o);
+    }
+    o *= s_inv[g];
+    const int qh = hk * p.group + g0 + g;
+    if (split)
+      p.partial_o[(part_row + qh) * D + d] = o;
+    else
+      store_from_f32(p.o, p.o_dtype,
+                     std::int64_t{b} * p.o_stride_batch + std::int64_t{qh} * p.o_stride_head + d,
+                     o);
+  }
+  if (tid < ng) {
+    const int qh = hk * p.group + g0 + tid;
+    if (split)
+      p.partial_lse[part_row + qh] = s_lse[tid];
+    else
+      p.lse2[std::int64_t{b} * p.lse_stride_batch + qh] = s_lse[tid];
+  }
+}
+
+template <class T, int D, int W, bool kAligned>
+cudaError_t launch_decode(const DecodeParams& p, std::int64_t num_ctas, cudaStream_t stream) {
+  decode_kernel<T, D, W, kAligned>
+      <<<static_cast<unsigned int>(num_ctas), kThreadsPerCta, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The launcher of every (head dim, width, alignment) of the supported lists
+// for KV type T: taking their addresses instantiates the kernels.
+template <class T>
+DecodeLaunchFn find_decode_launcher(int head_dim, int width, bool aligned) noexcept {
+  DecodeLaunchFn fn = nullptr;
+  for_each_value<SupportedHeadDims>([&](auto d) {
+    for_each_value<GroupWidths>([&](auto w) {
+      constexpr int kD = d.value, kW = w.value;
+      if (kD == head_dim && kW == width)
+        fn = aligned ? &launch_decode<T, kD, kW, true> : &launch_decode<T, kD, kW, false>;
+    });
+  });
+  return fn;
+}
+
+}  // namespace hattn::cuda::detail

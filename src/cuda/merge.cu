@@ -1,0 +1,119 @@
+// Merge kernels: the n-way merge of a split sequence's chunk partials (after
+// the decode kernel), and the public pairwise merge of two partials.
+// One warp per (sequence, query head) row; lanes stride over head_dim, so
+// loads and stores of a row are coalesced.
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/device_common.cuh"
+#include "cuda/params.hpp"
+#include "hattn/core/dispatch.hpp"
+#include "hattn/core/supported.hpp"
+#include "hattn/cuda/detail/merge_math.hpp"
+#include "hattn/cuda/merge.hpp"
+#include "hattn/cuda/plan.hpp"
+
+namespace hattn::cuda {
+namespace detail {
+namespace {
+
+constexpr int kWarpsPerCta = kThreadsPerCta / 32;
+
+template <int D>
+__global__ void __launch_bounds__(kThreadsPerCta) merge_chunks_kernel(const DecodeParams p) {
+  constexpr int kPer = D / 32;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t row = std::int64_t{blockIdx.x} * kWarpsPerCta + threadIdx.x / 32;
+  if (row >= std::int64_t{p.batch} * p.q_heads) return;  // whole warps leave
+  const int b = static_cast<int>(row / p.q_heads), h = static_cast<int>(row % p.q_heads);
+  const int C = p.num_chunks;
+  const float* lse = p.partial_lse + std::int64_t{b} * C * p.q_heads + h;  // chunk c: lse[c * H]
+
+  float mx = -INFINITY;
+  for (int c = lane; c < C; c += 32) mx = fmaxf(mx, lse[std::int64_t{c} * p.q_heads]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+
+  // In chunk order, as the CPU merge does.
+  float acc[kPer] = {};
+  float sum = 0.0f;
+  for (int c = 0; c < C; ++c) {
+    const float w = chunk_weight(lse[std::int64_t{c} * p.q_heads], mx);
+    if (w == 0.0f) continue;  // empty chunk: its o is never read
+    sum += w;
+    const float* o = p.partial_o + ((std::int64_t{b} * C + c) * p.q_heads + h) * D;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) acc[j] = fmaf(w, o[lane + 32 * j], acc[j]);
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const std::int64_t at = std::int64_t{b} * p.o_stride_batch + std::int64_t{h} * p.o_stride_head;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) store_from_f32(p.o, p.o_dtype, at + lane + 32 * j, acc[j] * inv);
+  if (lane == 0) p.lse2[std::int64_t{b} * p.lse_stride_batch + h] = merged_lse(mx, sum);
+}
+
+__global__ void __launch_bounds__(kThreadsPerCta)
+    merge_pair_kernel(const PartialView a, const PartialView b, const PartialView out) {
+  const int lane = threadIdx.x % 32;
+  const std::int64_t row = std::int64_t{blockIdx.x} * kWarpsPerCta + threadIdx.x / 32;
+  if (row >= std::int64_t{a.batch_size} * a.num_heads) return;
+  const std::int64_t bi = row / a.num_heads, h = row % a.num_heads;
+  const MergeWeightsF w =
+      merge_weights2(a.lse2[bi * a.lse_stride_batch + h], b.lse2[bi * b.lse_stride_batch + h]);
+  const std::int64_t oa = bi * a.stride_batch + h * a.stride_head;
+  const std::int64_t ob = bi * b.stride_batch + h * b.stride_head;
+  const std::int64_t oo = bi * out.stride_batch + h * out.stride_head;
+  for (int d = lane; d < a.head_dim; d += 32) {
+    const float xa = w.wa != 0.0f ? load_as_f32(a.o, a.dtype, oa + d) : 0.0f;
+    const float xb = w.wb != 0.0f ? load_as_f32(b.o, b.dtype, ob + d) : 0.0f;
+    store_from_f32(out.o, out.dtype, oo + d, merge_value(w, xa, xb));
+  }
+  // Every lane has read lse2 before lane 0 overwrites it (out may alias a or b).
+  __syncwarp();
+  if (lane == 0) out.lse2[bi * out.lse_stride_batch + h] = w.lse;
+}
+
+}  // namespace
+
+cudaError_t launch_merge_chunks(const DecodeParams& p, cudaStream_t stream) noexcept {
+  const std::int64_t rows = std::int64_t{p.batch} * p.q_heads;
+  const auto ctas = static_cast<unsigned int>((rows + kWarpsPerCta - 1) / kWarpsPerCta);
+  cudaError_t err = cudaErrorInvalidValue;
+  for_each_value<SupportedHeadDims>([&](auto d) {
+    if (d.value == p.head_dim) {
+      merge_chunks_kernel<d.value><<<ctas, kThreadsPerCta, 0, stream>>>(p);
+      err = cudaGetLastError();
+    }
+  });
+  return err;
+}
+
+}  // namespace detail
+
+Status merge_partials(const PartialView& a, const PartialView& b, const PartialView& out,
+                      StreamRef stream) noexcept {
+  auto same = [](const PartialView& x, const PartialView& y) {
+    return x.batch_size == y.batch_size && x.num_heads == y.num_heads && x.head_dim == y.head_dim;
+  };
+  if (!same(a, b) || !same(a, out))
+    return {StatusCode::kInvalidArgument, "merge_partials: partials have different shapes"};
+  if (a.batch_size < 0 || a.num_heads < 0 || a.head_dim < 0)
+    return {StatusCode::kInvalidArgument, "merge_partials: negative shape"};
+  const std::int64_t rows = std::int64_t{a.batch_size} * a.num_heads;
+  if (rows == 0 || a.head_dim == 0) return Status::ok();
+  if (!a.o || !b.o || !out.o || !a.lse2 || !b.lse2 || !out.lse2)
+    return {StatusCode::kInvalidArgument, "merge_partials: null pointer"};
+  for (const PartialView* v : {&a, &b, &out})
+    if (v->stride_batch < 0 || v->stride_head < 0 || v->lse_stride_batch < 0)
+      return {StatusCode::kInvalidArgument, "merge_partials: negative stride"};
+  const std::int64_t ctas = (rows + detail::kWarpsPerCta - 1) / detail::kWarpsPerCta;
+  if (ctas > 0x7fffffff) return {StatusCode::kNotSupported, "merge_partials: too many rows"};
+  detail::merge_pair_kernel<<<static_cast<unsigned int>(ctas), kThreadsPerCta, 0, stream.get()>>>(
+      a, b, out);
+  return cuda_status(cudaGetLastError());
+}
+
+}  // namespace hattn::cuda
