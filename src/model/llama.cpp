@@ -9,6 +9,9 @@
 #include <cstring>
 #include <numbers>
 
+#include "hattn/cpu/isa.hpp"
+#include "model/gemv.hpp"
+
 namespace hattn::model {
 namespace {
 
@@ -76,6 +79,15 @@ StageScratch& StageScratch::operator=(StageScratch&&) noexcept = default;
 void linear_forward(const Linear& w, const float* x, std::int64_t num_tokens, float* y,
                     StageScratch& scratch, const CpuExecutor& executor) {
   const std::int64_t in = w.in_features, out = w.out_features;
+  if (num_tokens <= detail::kGemvMaxTokens && cpu_isa_default() == CpuIsa::kAvx512) {
+    // Few tokens: bound by reading W; the fused kernel reads it once, as stored.
+    constexpr std::int64_t kRows = 32;
+    executor.parallel_for((out + kRows - 1) / kRows, [&](std::int64_t t) {
+      detail::gemv_rows_avx512(w.weight, w.dtype, in, t * kRows, std::min(out, (t + 1) * kRows), x,
+                               num_tokens, y, out);
+    });
+    return;
+  }
   // Decode (few tokens) is bound by reading W: small tiles spread it over all
   // threads. Prefill reuses each tile for many tokens: larger tiles.
   const std::int64_t rows = num_tokens <= 16 ? 16 : 128;
