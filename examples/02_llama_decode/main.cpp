@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -108,7 +109,8 @@ Attention and compute:
   --threads N            worker threads, 0 = all cores (default 0)
 Output:
   --json                 one JSON object on stdout instead of the table
-  --trace FILE           Chrome trace of the stages
+  --trace FILE           write a Chrome trace (chrome://tracing, ui.perfetto.dev)
+                         of every stage of every layer
   -h, --help             this help
 Options take their value as the next argument or after '=' (--batch=8).
 )";
@@ -333,10 +335,6 @@ int main(int argc, char** argv) {
                  opt.micro_batches);
     return 2;
   }
-  if (!opt.trace.empty()) {
-    std::fprintf(stderr, "error: --trace is not available in this build yet\n");
-    return 2;
-  }
 
   const hattn::CpuExecutor executor(opt.threads);
   std::filesystem::path dir = opt.model_dir;
@@ -389,6 +387,23 @@ int main(int argc, char** argv) {
     return 1;
   }
   hm::LlamaRunner runner(model, *attention, executor);
+  // --trace: every stage of every layer as a Chrome trace "complete" event
+  // (open in chrome://tracing or ui.perfetto.dev).
+  nlohmann::json trace_events = nlohmann::json::array();
+  const char* phase = "prefill";
+  if (!opt.trace.empty()) {
+    runner.set_trace([&](const char* stage, int layer, double begin_s, double end_s) {
+      nlohmann::json e{{"name", stage},
+                       {"cat", phase},
+                       {"ph", "X"},
+                       {"ts", begin_s * 1e6},
+                       {"dur", (end_s - begin_s) * 1e6},
+                       {"pid", 0},
+                       {"tid", 0}};
+      if (layer >= 0) e["args"] = {{"layer", layer}};
+      trace_events.push_back(std::move(e));
+    });
+  }
   hm::Sampler sampler({opt.temperature, opt.top_p}, opt.seed ^ 0x5EED);
 
   // Prefill.
@@ -427,6 +442,7 @@ int main(int argc, char** argv) {
   runner.reset_times();
 
   // Decode.
+  phase = "decode";
   const int steps = opt.prefill == "synthetic" ? opt.max_new_tokens : opt.max_new_tokens - 1;
   t0 = Clock::now();
   {
@@ -443,6 +459,15 @@ int main(int argc, char** argv) {
   }
   const double decode_s = seconds_since(t0);
   const hm::StageTimes& dt = runner.times();
+
+  if (!opt.trace.empty()) {
+    std::ofstream out(opt.trace, std::ios::binary);
+    out << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << '\n';
+    if (!out.flush()) {
+      std::fprintf(stderr, "error: cannot write the trace to %s\n", opt.trace.c_str());
+      return 1;
+    }
+  }
 
   const double prefill_tok_s =
       prefill_s > 0 ? static_cast<double>(opt.batch * prompt_len) / prefill_s : 0.0;

@@ -17,6 +17,12 @@ LlamaRunner::LlamaRunner(const LlamaModel& model, KvAttention& attention,
                          const CpuExecutor& executor)
     : model_(&model), attention_(&attention), executor_(&executor) {}
 
+void LlamaRunner::trace(const char* stage, int layer, Clock::time_point begin) const {
+  if (!trace_) return;
+  trace_(stage, layer, std::chrono::duration<double>(begin - epoch_).count(),
+         std::chrono::duration<double>(Clock::now() - epoch_).count());
+}
+
 Status LlamaRunner::forward_chunk(int seq, std::span<const std::int32_t> tokens, float* logits,
                                   bool all_logits) {
   const LlamaConfig& c = model_->config();
@@ -34,21 +40,30 @@ Status LlamaRunner::forward_chunk(int seq, std::span<const std::int32_t> tokens,
   auto t0 = Clock::now();
   HATTN_RETURN_IF_ERROR(model_->embed(tokens, x_.data()));
   times_.other_s += seconds_since(t0);
+  trace("embed", -1, t0);
   for (int l = 0; l < c.num_layers; ++l) {
+    t0 = Clock::now();
     model_->stage_a(l, x_.data(), n, positions_.data(), q_.data(), k_.data(), v_.data(), scratch_,
                     *executor_, &times_);
+    trace("stage_a", l, t0);
     t0 = Clock::now();
     HATTN_RETURN_IF_ERROR(attention_->append(l, seq, k_.data(), v_.data(), n));
     times_.copies_s += seconds_since(t0);
+    trace("append", l, t0);
     t0 = Clock::now();
     HATTN_RETURN_IF_ERROR(attention_->prefill(l, seq, q_.data(), n, o_.data()));
     times_.attention_s += seconds_since(t0);
+    trace("attention", l, t0);
+    t0 = Clock::now();
     model_->stage_b(l, o_.data(), n, x_.data(), scratch_, *executor_, &times_);
+    trace("stage_b", l, t0);
   }
   if (logits) {
     const std::int64_t rows = all_logits ? n : 1;
+    t0 = Clock::now();
     model_->logits(x_.data() + (n - rows) * c.hidden_size, rows, logits, scratch_, *executor_,
                    &times_);
+    trace("logits", -1, t0);
   }
   return Status::ok();
 }
@@ -131,20 +146,29 @@ Status LlamaRunner::decode_step(std::span<const std::int32_t> tokens, float* log
   auto t0 = Clock::now();
   HATTN_RETURN_IF_ERROR(model_->embed(tokens, x_.data()));
   times_.other_s += seconds_since(t0);
+  trace("embed", -1, t0);
   for (int l = 0; l < c.num_layers; ++l) {
+    t0 = Clock::now();
     model_->stage_a(l, x_.data(), batch, positions_.data(), q_.data(), k_.data(), v_.data(),
                     scratch_, *executor_, &times_);
+    trace("stage_a", l, t0);
     t0 = Clock::now();
     for (std::int32_t b = 0; b < batch; ++b)
       HATTN_RETURN_IF_ERROR(
           attention_->append(l, b, k_.data() + b * c.kv_dim(), v_.data() + b * c.kv_dim(), 1));
     times_.copies_s += seconds_since(t0);
+    trace("append", l, t0);
     t0 = Clock::now();
     HATTN_RETURN_IF_ERROR(attention_->decode(l, seqs_, q_.data(), o_.data(), lse2_.data()));
     times_.attention_s += seconds_since(t0);
+    trace("attention", l, t0);
+    t0 = Clock::now();
     model_->stage_b(l, o_.data(), batch, x_.data(), scratch_, *executor_, &times_);
+    trace("stage_b", l, t0);
   }
+  t0 = Clock::now();
   model_->logits(x_.data(), batch, logits, scratch_, *executor_, &times_);
+  trace("logits", -1, t0);
   return Status::ok();
 }
 

@@ -4,9 +4,11 @@
 // sequential schedule; an orchestrator pipelines the same stages
 // (LlamaModel::stage_a, KvAttention, LlamaModel::stage_b) across devices.
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "hattn/core/status.hpp"
@@ -43,6 +45,12 @@ class LlamaRunner {
   // Logits of every token of a prefill chunk (for tests): [n][vocab].
   Status prefill_all_logits(int seq, std::span<const std::int32_t> tokens, float* logits);
 
+  // Called after each stage of each layer with its name ("stage_a", "append",
+  // "attention", "stage_b", "embed", "logits"), the layer (-1 outside layers) and
+  // its start and end in seconds since the runner was made: a Chrome-trace feed.
+  using TraceSink = std::function<void(const char* stage, int layer, double begin_s, double end_s)>;
+  void set_trace(TraceSink sink) { trace_ = std::move(sink); }
+
   const StageTimes& times() const noexcept { return times_; }
   void reset_times() noexcept { times_ = {}; }
 
@@ -50,11 +58,15 @@ class LlamaRunner {
   Status forward_chunk(int seq, std::span<const std::int32_t> tokens, float* logits,
                        bool all_logits);
 
+  void trace(const char* stage, int layer, std::chrono::steady_clock::time_point begin) const;
+
   const LlamaModel* model_;
   KvAttention* attention_;
   const CpuExecutor* executor_;
   StageScratch scratch_;
   StageTimes times_;
+  TraceSink trace_;
+  std::chrono::steady_clock::time_point epoch_ = std::chrono::steady_clock::now();
   std::vector<float> x_, q_, k_, v_, o_, lse2_;
   std::vector<std::int64_t> positions_;
   std::vector<std::int32_t> seqs_;
