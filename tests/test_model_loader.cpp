@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/check.hpp"
 #include "common/seed.hpp"
 #include "hattn/core/dtype.hpp"
 #include "hattn/cpu/executor.hpp"
@@ -337,4 +338,70 @@ TEST_CASE("synthetic model: written, loaded and decoded, deterministically", "[m
   // A token id outside the vocabulary.
   const std::int32_t bad[] = {1, config.vocab_size};
   CHECK(runner.decode_step(bad, logits.data()).code() == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("DenseKvAttention: causal prefill across pages equals a double reference",
+          "[model][attention]") {
+  // 50 tokens in pages of 16; the last 37 attend causally, in sub-batches of
+  // 16 queries (max_prefill_tokens), so virtual sequences end inside and at
+  // the end of pages 1..4. Reference: softmax(q.k / sqrt(D)) v in double.
+  hm::LlamaConfig c;
+  REQUIRE(hm::synthetic_config("tiny", &c).is_ok());  // 4 q / 2 kv heads of 64
+  const hattn::CpuExecutor executor(2);
+  hm::DenseKvAttention att(c,
+                           {.kv_dtype = hattn::DType::kF32,
+                            .page_size = 16,
+                            .num_sequences = 2,
+                            .max_seq_len = 64,
+                            .max_prefill_tokens = 16,
+                            .precision = hattn::cpu::DenseDecode::Precision::kF32},
+                           executor);
+  const std::int64_t len = 50, n = 37, kv = c.kv_dim(), qd = c.q_dim(), d = c.head_dim;
+  auto rng = hattn_test::make_rng("dense kv attention prefill");
+  std::normal_distribution<float> normal;
+  std::vector<float> k(static_cast<std::size_t>(len * kv)), v(k.size()),
+      q(static_cast<std::size_t>(n * qd)), o(q.size());
+  for (auto* vec : {&k, &v, &q})
+    for (float& x : *vec) x = normal(rng);
+  // Sequence 1 gets the data (sequence 0 stays empty: ids must not mix).
+  REQUIRE(att.append(0, 1, k.data(), v.data(), 20).is_ok());
+  REQUIRE(att.append(0, 1, k.data() + 20 * kv, v.data() + 20 * kv, len - 20).is_ok());
+  REQUIRE(att.prefill(0, 1, q.data(), n, o.data()).is_ok());
+
+  std::vector<double> ref(q.size()), got(o.begin(), o.end());
+  const std::int32_t group = c.num_q_heads / c.num_kv_heads;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t visible = len - n + i + 1;
+    for (std::int32_t h = 0; h < c.num_q_heads; ++h) {
+      const float* qi = q.data() + i * qd + h * d;
+      const std::int64_t kh = h / group;
+      std::vector<double> s(static_cast<std::size_t>(visible));
+      double m = -1e300;
+      for (std::int64_t t = 0; t < visible; ++t) {
+        double dot = 0;
+        for (std::int64_t e = 0; e < d; ++e)
+          dot += double{qi[e]} * k[static_cast<std::size_t>(t * kv + kh * d + e)];
+        s[static_cast<std::size_t>(t)] = dot / std::sqrt(static_cast<double>(d));
+        m = std::max(m, s[static_cast<std::size_t>(t)]);
+      }
+      double l = 0;
+      for (double& x : s) l += (x = std::exp(x - m));
+      for (std::int64_t e = 0; e < d; ++e) {
+        double acc = 0;
+        for (std::int64_t t = 0; t < visible; ++t)
+          acc += s[static_cast<std::size_t>(t)] * v[static_cast<std::size_t>(t * kv + kh * d + e)];
+        ref[static_cast<std::size_t>(i * qd + h * d + e)] = acc / l;
+      }
+    }
+  }
+  const std::string err = hattn_test::compare("prefill o", got, ref, hattn_test::kF32OutTolerance,
+                                              "DenseKvAttention::prefill");
+  CHECK(err.empty());
+  if (!err.empty()) FAIL_CHECK(err);
+  CHECK(att.seq_len(0, 0) == 0);
+  CHECK(att.kv_bytes() == 2 * 4 * 16 * static_cast<std::size_t>(kv) * 4);  // 4 pages of K and V
+  // Errors, not crashes.
+  CHECK(att.prefill(0, 1, q.data(), len + 1, o.data()).code() == StatusCode::kInvalidArgument);
+  CHECK(att.append(c.num_layers, 0, k.data(), v.data(), 1).code() == StatusCode::kInvalidArgument);
+  CHECK(att.append(0, 1, k.data(), v.data(), 15).code() == StatusCode::kOutOfMemory);
 }
