@@ -18,6 +18,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -56,9 +58,31 @@ Expected read_expected(const fs::path& dir) {
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
-// Runs one fixture: prefill in chunks of `chunk`, then greedy decode, checking
-// each step's logits; returns the generated tokens.
-void run_fixture(const std::string& name, std::int64_t chunk, hattn::CpuIsa isa, int threads) {
+// Makes the attention a fixture runs with (one sequence of up to max_len tokens).
+// Another backend (LSH with sampling forced to every key) joins these tests by
+// passing its own factory to run_fixture.
+using AttentionFactory = std::function<std::unique_ptr<hm::KvAttention>(
+    const hm::LlamaConfig&, std::int64_t max_len, const hattn::CpuExecutor&)>;
+
+AttentionFactory dense_f32(hattn::CpuIsa isa) {
+  return [isa](const hm::LlamaConfig& config, std::int64_t max_len,
+               const hattn::CpuExecutor& executor) {
+    return std::make_unique<hm::DenseKvAttention>(
+        config,
+        hm::DenseKvAttentionOptions{.kv_dtype = hattn::DType::kF32,
+                                    .page_size = 16,
+                                    .num_sequences = 1,
+                                    .max_seq_len = max_len,
+                                    .max_prefill_tokens = 64,
+                                    .precision = hattn::cpu::DenseDecode::Precision::kF32},
+        executor, isa);
+  };
+}
+
+// Runs one fixture: prefill in chunks of `chunk`, then decode with the
+// oracle's tokens fed back, checking each step's logits and greedy token.
+void run_fixture(const std::string& name, std::int64_t chunk, hattn::CpuIsa isa, int threads,
+                 const AttentionFactory& make_attention) {
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
   const Expected e = read_expected(dir);
   hm::LlamaModel model;
@@ -70,16 +94,9 @@ void run_fixture(const std::string& name, std::int64_t chunk, hattn::CpuIsa isa,
   REQUIRE(e.logits.size() == e.generated.size());
 
   const hattn::CpuExecutor executor(threads);
-  hm::DenseKvAttention attention(
-      model.config(),
-      {.kv_dtype = hattn::DType::kF32,
-       .page_size = 16,
-       .num_sequences = 1,
-       .max_seq_len = static_cast<std::int64_t>(e.prompt.size() + e.generated.size()),
-       .max_prefill_tokens = 64,
-       .precision = hattn::cpu::DenseDecode::Precision::kF32},
-      executor, isa);
-  hm::LlamaRunner runner(model, attention, executor);
+  const std::unique_ptr<hm::KvAttention> attention = make_attention(
+      model.config(), static_cast<std::int64_t>(e.prompt.size() + e.generated.size()), executor);
+  hm::LlamaRunner runner(model, *attention, executor);
   std::vector<float> logits(vocab);
   REQUIRE(runner.prefill(0, e.prompt, chunk, logits.data()).is_ok());
   std::vector<std::int32_t> got;
@@ -108,15 +125,15 @@ TEST_CASE("model: fixtures match transformers (cpu-dense, f32 KV)", "[model][fix
   for (const char* name : kFixtures) {
     // Whole prompt in one chunk, and in chunks of 5 (12 = 5 + 5 + 2) so that
     // chunked prefill's causal boundaries are exercised.
-    run_fixture(name, 64, hattn::cpu_isa_default(), 0);
-    run_fixture(name, 5, hattn::cpu_isa_default(), 1);
+    run_fixture(name, 64, hattn::cpu_isa_default(), 0, dense_f32(hattn::cpu_isa_default()));
+    run_fixture(name, 5, hattn::cpu_isa_default(), 1, dense_f32(hattn::cpu_isa_default()));
   }
 }
 
 TEST_CASE("model: fixtures match transformers on every CPU ISA", "[model][fixture]") {
   for (hattn::CpuIsa isa : {hattn::CpuIsa::kScalar, hattn::CpuIsa::kAvx2, hattn::CpuIsa::kAvx512}) {
     if (!hattn::cpu_isa_available(isa)) continue;
-    for (const char* name : kFixtures) run_fixture(name, 7, isa, 2);
+    for (const char* name : kFixtures) run_fixture(name, 7, isa, 2, dense_f32(isa));
   }
 }
 
