@@ -508,17 +508,17 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  // The CPU kernels a dense backend picked (other backends say their own name).
+  const auto* dense = dynamic_cast<const hm::DenseKvAttention*>(attention.get());
+  const std::string kernels = dense ? std::string(hattn::to_string(dense->backend().isa())) : "-";
   std::printf("model     %s: %d layers, hidden %d, %d q / %d kv heads of %d, vocab %d\n",
               opt.synthetic.empty() ? opt.model_dir.c_str() : opt.synthetic.c_str(), cfg.num_layers,
               cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
   std::printf(
       "run       attention %s (%s kernels), compute %s, %d threads, batch %d, prompt %lld "
       "tokens (%s prefill%s)\n",
-      attention->name(),
-      std::string(hattn::to_string(static_cast<hm::DenseKvAttention&>(*attention).backend().isa()))
-          .c_str(),
-      opt.compute.c_str(), executor.concurrency(), opt.batch, static_cast<long long>(prompt_len),
-      opt.prefill.c_str(),
+      attention->name(), kernels.c_str(), opt.compute.c_str(), executor.concurrency(), opt.batch,
+      static_cast<long long>(prompt_len), opt.prefill.c_str(),
       opt.prefill == "synthetic" ? ", benchmark only: outputs are meaningless" : "");
   for (int b = 0; b < opt.batch; ++b) {
     std::printf("seq %-5d", b);
