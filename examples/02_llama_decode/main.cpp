@@ -1,0 +1,546 @@
+// Example 02: llama_decode, a Llama decoder whose attention runs on hattn.
+//
+// Loads a Hugging Face Llama folder (config.json + safetensors) or writes and
+// loads a synthetic one, prefills a prompt of token ids (or fills the KV
+// caches synthetically, to measure decode at long context), decodes new
+// tokens with attention through a hattn backend, and prints the ids and a
+// table of where the time went. Tokenization is out of scope: ids in, ids out.
+//
+//   llama_decode --synthetic tiny --prompt-ids 1,2,3 --max-new-tokens 8
+//   llama_decode --synthetic llama3-1b-shape --prompt-len 16384 --prefill synthetic
+//   llama_decode --model ~/Llama-3.2-1B --prompt-ids 128000,791,6864 --json
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "hattn/core/dtype.hpp"
+#include "hattn/core/status.hpp"
+#include "hattn/cpu/executor.hpp"
+#include "hattn/cpu/isa.hpp"
+#include "hattn/model/attention.hpp"
+#include "hattn/model/config.hpp"
+#include "hattn/model/llama.hpp"
+#include "hattn/model/runner.hpp"
+#include "hattn/model/sampler.hpp"
+#include "hattn/model/synthetic.hpp"
+
+namespace {
+
+namespace hm = hattn::model;
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  std::string model_dir;
+  std::string synthetic;
+  std::string synthetic_dir;
+  std::vector<std::int32_t> prompt_ids;
+  std::int64_t prompt_len = 0;
+  int max_new_tokens = 16;
+  int batch = 1;
+  std::string attention = "cpu-dense";
+  std::string compute = "cpu";
+  int lsh_k = 10, lsh_l = 150;
+  int micro_batches = 1;
+  int threads = 0;
+  std::string trace;
+  std::uint64_t seed = 0;
+  std::uint64_t weights_seed = 0;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  bool json = false;
+  std::string prefill = "compute";
+  int prefill_chunk = 256;
+  hattn::DType kv_dtype = hattn::DType::kBF16;
+  std::string isa = "auto";
+};
+
+constexpr const char* kUsage = R"(Usage: llama_decode (--model DIR | --synthetic NAME) [options]
+
+Decodes with a Llama-family model (Llama 2, 3, 3.1, 3.2) whose attention runs
+on a hattn backend, and reports where the time goes. Token ids in, token ids
+out: tokenization is out of scope.
+
+Model:
+  --model DIR            a Hugging Face folder: config.json and model.safetensors
+                         (or model.safetensors.index.json and its shards),
+                         weights in bf16, f16 or f32
+  --synthetic NAME       a built-in shape with seeded random bf16 weights, written
+                         as a real model folder and loaded from it: tiny,
+                         llama3-1b-shape, llama3-8b-shape-4layers
+  --synthetic-dir DIR    where synthetic folders go (default $HATTN_SYNTHETIC_DIR
+                         or /tmp/hattn-synthetic); reused when already there
+  --weights-seed N       seed of the synthetic weights (default 0)
+Prompt and generation:
+  --prompt-ids 1,2,3     the prompt's token ids (every sequence of the batch)
+  --prompt-len N         a prompt of N random ids (from --seed)
+  --max-new-tokens N     tokens to generate per sequence (default 16)
+  --batch B              sequences decoded together (default 1)
+  --temperature T        0 = greedy (default); > 0 samples
+  --top-p P              nucleus sampling mass, with --temperature (default 1)
+  --seed N               seed of prompts and sampling (default 0)
+  --prefill MODE         compute (default): run the model over the prompt in
+                         chunks; synthetic: BENCHMARK ONLY, fill the KV caches
+                         with generated keys/values of the prompt length
+                         without running the model (outputs are meaningless,
+                         decode speed at long context is what it measures)
+  --prefill-chunk N      tokens per prefill chunk (default 256)
+Attention and compute:
+  --attention A          cpu-dense (default), lsh, cuda-dense
+  --lsh-K K, --lsh-L L   MagicPIG LSH parameters (with --attention lsh)
+  --compute C            where the GEMMs run: cpu (default) or cuda
+  --micro-batches M      micro-batches pipelined by the orchestrator (default 1)
+  --kv-dtype T           KV cache dtype: bf16 (default), f16, f32
+  --isa I                CPU attention kernels: auto, avx512, avx2, scalar
+  --threads N            worker threads, 0 = all cores (default 0)
+Output:
+  --json                 one JSON object on stdout instead of the table
+  --trace FILE           write a Chrome trace (chrome://tracing, ui.perfetto.dev)
+                         of every stage of every layer
+  -h, --help             this help
+Options take their value as the next argument or after '=' (--batch=8).
+)";
+
+template <class T>
+bool parse_num(std::string_view s, T lo, T hi, T* out) {
+  T v{};
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || end != s.data() + s.size() || v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
+bool parse_float(std::string_view s, float lo, float hi, float* out) {
+  const std::string str(s);
+  char* end = nullptr;
+  const float v = std::strtof(str.c_str(), &end);
+  if (str.empty() || end != str.c_str() + str.size() || !(v >= lo && v <= hi)) return false;
+  *out = v;
+  return true;
+}
+
+bool parse_ids(std::string_view s, std::vector<std::int32_t>* out) {
+  out->clear();
+  while (!s.empty()) {
+    const auto comma = s.find(',');
+    std::int32_t id = 0;
+    if (!parse_num<std::int32_t>(s.substr(0, comma), 0, 0x7fffffff, &id)) return false;
+    out->push_back(id);
+    if (comma == std::string_view::npos) break;
+    s.remove_prefix(comma + 1);
+  }
+  return !out->empty();
+}
+
+int usage_error(const char* fmt, std::string_view a, std::string_view b = {}) {
+  std::fprintf(stderr, "error: ");
+  std::fprintf(stderr, fmt, static_cast<int>(a.size()), a.data(), static_cast<int>(b.size()),
+               b.data());
+  std::fprintf(stderr, " (see --help)\n");
+  return 2;
+}
+
+// Returns 0 to go on, -1 after --help, otherwise the exit code.
+int parse_args(int argc, char** argv, Options* o) {
+  static constexpr std::string_view kFlags[] = {
+      "--model",      "--synthetic",      "--synthetic-dir", "--weights-seed", "--prompt-ids",
+      "--prompt-len", "--max-new-tokens", "--batch",         "--temperature",  "--top-p",
+      "--seed",       "--prefill",        "--prefill-chunk", "--attention",    "--lsh-K",
+      "--lsh-L",      "--compute",        "--micro-batches", "--kv-dtype",     "--isa",
+      "--threads",    "--trace"};
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::fputs(kUsage, stdout);
+      return -1;
+    }
+    if (arg == "--json") {
+      o->json = true;
+      continue;
+    }
+    std::string_view value;
+    bool has_value = false;
+    if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    if (std::find(std::begin(kFlags), std::end(kFlags), arg) == std::end(kFlags))
+      return usage_error("unknown option '%.*s'", argv[i]);
+    if (!has_value) {
+      if (i + 1 >= argc) return usage_error("option %.*s needs a value", arg);
+      value = argv[++i];
+    }
+    bool ok = true;
+    if (arg == "--model")
+      o->model_dir = value, ok = !value.empty();
+    else if (arg == "--synthetic")
+      o->synthetic = value, ok = !value.empty();
+    else if (arg == "--synthetic-dir")
+      o->synthetic_dir = value, ok = !value.empty();
+    else if (arg == "--weights-seed")
+      ok = parse_num<std::uint64_t>(value, 0, ~0ULL, &o->weights_seed);
+    else if (arg == "--prompt-ids")
+      ok = parse_ids(value, &o->prompt_ids);
+    else if (arg == "--prompt-len")
+      ok = parse_num<std::int64_t>(value, 1, 1 << 24, &o->prompt_len);
+    else if (arg == "--max-new-tokens")
+      ok = parse_num(value, 1, 1 << 20, &o->max_new_tokens);
+    else if (arg == "--batch")
+      ok = parse_num(value, 1, 1024, &o->batch);
+    else if (arg == "--temperature")
+      ok = parse_float(value, 0.0f, 100.0f, &o->temperature);
+    else if (arg == "--top-p")
+      ok = parse_float(value, 1e-6f, 1.0f, &o->top_p);
+    else if (arg == "--seed")
+      ok = parse_num<std::uint64_t>(value, 0, ~0ULL, &o->seed);
+    else if (arg == "--prefill")
+      o->prefill = value, ok = value == "compute" || value == "synthetic";
+    else if (arg == "--prefill-chunk")
+      ok = parse_num(value, 1, 1 << 16, &o->prefill_chunk);
+    else if (arg == "--attention")
+      o->attention = value, ok = value == "cpu-dense" || value == "lsh" || value == "cuda-dense";
+    else if (arg == "--lsh-K")
+      ok = parse_num(value, 1, 64, &o->lsh_k);
+    else if (arg == "--lsh-L")
+      ok = parse_num(value, 1, 4096, &o->lsh_l);
+    else if (arg == "--compute")
+      o->compute = value, ok = value == "cpu" || value == "cuda";
+    else if (arg == "--micro-batches")
+      ok = parse_num(value, 1, 64, &o->micro_batches);
+    else if (arg == "--threads")
+      ok = parse_num(value, 0, 4096, &o->threads);
+    else if (arg == "--trace")
+      o->trace = value, ok = !value.empty();
+    else if (arg == "--isa")
+      o->isa = value,
+      ok = value == "auto" || value == "avx512" || value == "avx2" || value == "scalar";
+    else if (arg == "--kv-dtype") {
+      ok = false;
+      for (hattn::DType t : {hattn::DType::kBF16, hattn::DType::kF16, hattn::DType::kF32})
+        if (value == hattn::to_string(t)) o->kv_dtype = t, ok = true;
+    }
+    if (!ok) return usage_error("bad value '%.*s' for %.*s", value, arg);
+  }
+  if (o->model_dir.empty() == o->synthetic.empty())
+    return usage_error("give exactly one of --model DIR and --synthetic NAME%.*s", "");
+  if (o->prompt_ids.empty() == (o->prompt_len == 0))
+    return usage_error("give exactly one of --prompt-ids and --prompt-len%.*s", "");
+  return 0;
+}
+
+bool check(const hattn::Status& s, const char* what, const std::string& detail = {}) {
+  if (s) return true;
+  const std::string_view code = hattn::to_string(s.code());
+  std::fprintf(stderr, "error: %s: %.*s: %s\n", what, static_cast<int>(code.size()), code.data(),
+               detail.empty() ? s.message() : detail.c_str());
+  return false;
+}
+
+// A progress bar on stderr, only when stderr is a terminal.
+class Progress {
+ public:
+  explicit Progress(const char* label) : label_(label), on_(isatty(STDERR_FILENO) != 0) {}
+  void update(std::int64_t done, std::int64_t total) {
+    if (!on_ || total <= 0) return;
+    const auto now = Clock::now();
+    if (done < total && now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    constexpr int kWidth = 30;
+    const int fill = static_cast<int>(kWidth * done / total);
+    std::fprintf(stderr, "\r%-8s [%.*s%*s] %lld/%lld", label_, fill,
+                 "##############################", kWidth - fill, "", static_cast<long long>(done),
+                 static_cast<long long>(total));
+    if (done >= total) std::fputc('\n', stderr);
+    std::fflush(stderr);
+  }
+
+ private:
+  const char* label_;
+  bool on_;
+  Clock::time_point last_{};
+};
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// The synthetic model's folder: written once, then reused.
+bool prepare_synthetic(const Options& opt, const hattn::CpuExecutor& executor,
+                       std::filesystem::path* dir) {
+  hm::LlamaConfig config;
+  if (!hm::synthetic_config(opt.synthetic, &config)) {
+    std::string names;
+    for (std::string_view n : hm::synthetic_model_names()) names += " " + std::string(n);
+    std::fprintf(stderr, "error: unknown synthetic model '%s' (known:%s)\n", opt.synthetic.c_str(),
+                 names.c_str());
+    return false;
+  }
+  std::filesystem::path base = opt.synthetic_dir;
+  if (base.empty()) {
+    const char* env = std::getenv("HATTN_SYNTHETIC_DIR");
+    base = env && *env ? env : "/tmp/hattn-synthetic";
+  }
+  *dir = base / (opt.synthetic + "-seed" + std::to_string(opt.weights_seed));
+  hm::LlamaConfig existing;
+  std::error_code ec;
+  if (std::filesystem::exists(*dir / "config.json", ec) && hm::load_llama_config(*dir, &existing) &&
+      hm::to_config_json(existing) == hm::to_config_json(config))
+    return true;
+  std::fprintf(stderr, "writing synthetic model %s (%.2f GB of bf16 weights) to %s\n",
+               opt.synthetic.c_str(), 2e-9 * static_cast<double>(config.num_parameters()),
+               dir->string().c_str());
+  std::string detail;
+  return check(hm::write_synthetic_model(config, opt.weights_seed, *dir, executor, &detail),
+               "writing the synthetic model", detail);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opt;
+  if (const int rc = parse_args(argc, argv, &opt); rc != 0) return rc < 0 ? 0 : rc;
+  if (opt.attention != "cpu-dense") {
+    std::fprintf(stderr,
+                 "error: --attention %s is not available in this build yet (the %s backend has "
+                 "not landed); use --attention cpu-dense\n",
+                 opt.attention.c_str(), opt.attention == "lsh" ? "MagicPIG LSH" : "CUDA dense");
+    return 2;
+  }
+  if (opt.compute != "cpu") {
+    std::fprintf(stderr,
+                 "error: --compute %s is not available in this build yet (CUDA decoder stages "
+                 "have not landed); use --compute cpu\n",
+                 opt.compute.c_str());
+    return 2;
+  }
+  if (opt.micro_batches != 1) {
+    std::fprintf(stderr,
+                 "error: --micro-batches %d is not available in this build yet (it needs the "
+                 "decode orchestrator); use --micro-batches 1\n",
+                 opt.micro_batches);
+    return 2;
+  }
+
+  const hattn::CpuExecutor executor(opt.threads);
+  std::filesystem::path dir = opt.model_dir;
+  if (!opt.synthetic.empty() && !prepare_synthetic(opt, executor, &dir)) return 1;
+
+  auto t0 = Clock::now();
+  hm::LlamaModel model;
+  std::string detail;
+  if (!check(hm::LlamaModel::load(dir, &model, &detail), "loading the model", detail)) return 1;
+  const double load_s = seconds_since(t0);
+  const hm::LlamaConfig& cfg = model.config();
+
+  // Prompts: the given ids for every sequence, or random ids per sequence.
+  std::vector<std::vector<std::int32_t>> prompts(static_cast<std::size_t>(opt.batch));
+  std::mt19937_64 rng(opt.seed);
+  for (auto& p : prompts) {
+    if (!opt.prompt_ids.empty()) {
+      p = opt.prompt_ids;
+    } else {
+      std::uniform_int_distribution<std::int32_t> id(0, cfg.vocab_size - 1);
+      p.resize(static_cast<std::size_t>(opt.prompt_len));
+      for (auto& t : p) t = id(rng);
+    }
+    for (std::int32_t t : p) {
+      if (t >= cfg.vocab_size) {
+        std::fprintf(stderr, "error: prompt id %d is outside the vocabulary (size %d)\n", t,
+                     cfg.vocab_size);
+        return 2;
+      }
+    }
+  }
+  const auto prompt_len = static_cast<std::int64_t>(prompts[0].size());
+
+  hattn::CpuIsa isa = hattn::cpu_isa_default();
+  for (hattn::CpuIsa i : {hattn::CpuIsa::kScalar, hattn::CpuIsa::kAvx2, hattn::CpuIsa::kAvx512})
+    if (opt.isa == hattn::to_string(i)) isa = i;
+  std::unique_ptr<hm::KvAttention> attention;
+  try {
+    attention = std::make_unique<hm::DenseKvAttention>(
+        cfg,
+        hm::DenseKvAttentionOptions{.kv_dtype = opt.kv_dtype,
+                                    .page_size = 16,
+                                    .num_sequences = opt.batch,
+                                    .max_seq_len = prompt_len + opt.max_new_tokens + 1,
+                                    .max_prefill_tokens = opt.prefill_chunk,
+                                    .precision = hattn::cpu::DenseDecode::Precision::kF32},
+        executor, isa);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: cannot allocate the KV caches: %s\n", e.what());
+    return 1;
+  }
+  hm::LlamaRunner runner(model, *attention, executor);
+  // --trace: every stage of every layer as a Chrome trace "complete" event
+  // (open in chrome://tracing or ui.perfetto.dev).
+  nlohmann::json trace_events = nlohmann::json::array();
+  const char* phase = "prefill";
+  if (!opt.trace.empty()) {
+    runner.set_trace([&](const char* stage, int layer, double begin_s, double end_s) {
+      nlohmann::json e{{"name", stage},
+                       {"cat", phase},
+                       {"ph", "X"},
+                       {"ts", begin_s * 1e6},
+                       {"dur", (end_s - begin_s) * 1e6},
+                       {"pid", 0},
+                       {"tid", 0}};
+      if (layer >= 0) e["args"] = {{"layer", layer}};
+      trace_events.push_back(std::move(e));
+    });
+  }
+  hm::Sampler sampler({opt.temperature, opt.top_p}, opt.seed ^ 0x5EED);
+
+  // Prefill.
+  const auto vocab = static_cast<std::size_t>(cfg.vocab_size);
+  std::vector<float> logits(static_cast<std::size_t>(opt.batch) * vocab);
+  std::vector<std::vector<std::int32_t>> generated(static_cast<std::size_t>(opt.batch));
+  std::vector<std::int32_t> next(static_cast<std::size_t>(opt.batch));
+  t0 = Clock::now();
+  {
+    Progress bar("prefill");
+    if (opt.prefill == "synthetic") {
+      if (!check(
+              runner.synthetic_prefill(prompt_len, opt.seed,
+                                       [&](std::int64_t d, std::int64_t t) { bar.update(d, t); }),
+              "synthetic prefill"))
+        return 1;
+      for (int b = 0; b < opt.batch; ++b)
+        next[static_cast<std::size_t>(b)] = prompts[static_cast<std::size_t>(b)].back();
+    } else {
+      for (int b = 0; b < opt.batch; ++b) {
+        const auto& p = prompts[static_cast<std::size_t>(b)];
+        const std::int64_t base = b * prompt_len, total = opt.batch * prompt_len;
+        if (!check(
+                runner.prefill(b, p, opt.prefill_chunk, logits.data(),
+                               [&](std::int64_t d, std::int64_t) { bar.update(base + d, total); }),
+                "prefill"))
+          return 1;
+        const std::int32_t tok = sampler.sample(std::span(logits.data(), vocab));
+        generated[static_cast<std::size_t>(b)].push_back(tok);
+        next[static_cast<std::size_t>(b)] = tok;
+      }
+    }
+  }
+  const double prefill_s = seconds_since(t0);
+  const hm::StageTimes prefill_times = runner.times();
+  runner.reset_times();
+
+  // Decode.
+  phase = "decode";
+  const int steps = opt.prefill == "synthetic" ? opt.max_new_tokens : opt.max_new_tokens - 1;
+  t0 = Clock::now();
+  {
+    Progress bar("decode");
+    for (int s = 0; s < steps; ++s) {
+      if (!check(runner.decode_step(next, logits.data()), "decode step")) return 1;
+      for (int b = 0; b < opt.batch; ++b) {
+        const std::int32_t tok = sampler.sample(std::span(logits.data() + b * vocab, vocab));
+        generated[static_cast<std::size_t>(b)].push_back(tok);
+        next[static_cast<std::size_t>(b)] = tok;
+      }
+      bar.update(s + 1, steps);
+    }
+  }
+  const double decode_s = seconds_since(t0);
+  const hm::StageTimes& dt = runner.times();
+
+  if (!opt.trace.empty()) {
+    std::ofstream out(opt.trace, std::ios::binary);
+    out << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << '\n';
+    if (!out.flush()) {
+      std::fprintf(stderr, "error: cannot write the trace to %s\n", opt.trace.c_str());
+      return 1;
+    }
+  }
+
+  const double prefill_tok_s =
+      prefill_s > 0 ? static_cast<double>(opt.batch * prompt_len) / prefill_s : 0.0;
+  const double decode_tok_s = decode_s > 0 && steps > 0 ? opt.batch * steps / decode_s : 0.0;
+  const double kv_gb = static_cast<double>(attention->kv_bytes()) / 1e9;
+  const double index_gb = static_cast<double>(attention->index_bytes()) / 1e9;
+  const double weights_gb = static_cast<double>(model.weight_bytes()) / 1e9;
+
+  if (opt.json) {
+    nlohmann::json j;
+    j["model"] = opt.synthetic.empty() ? opt.model_dir : opt.synthetic;
+    j["attention"] = attention->name();
+    j["compute"] = opt.compute;
+    j["batch"] = opt.batch;
+    j["prompt_len"] = prompt_len;
+    j["prefill"] = opt.prefill;
+    j["threads"] = executor.concurrency();
+    j["generated"] = generated;
+    j["load_s"] = load_s;
+    j["prefill_s"] = prefill_s;
+    j["prefill_tok_s"] = prefill_tok_s;
+    j["decode_steps"] = steps;
+    j["decode_s"] = decode_s;
+    j["decode_tok_s"] = decode_tok_s;
+    const auto stages = [](const hm::StageTimes& t) {
+      return nlohmann::json{{"gemm_s", t.gemm_s},
+                            {"attention_s", t.attention_s},
+                            {"copies_s", t.copies_s},
+                            {"merge_s", t.merge_s},
+                            {"other_s", t.other_s}};
+    };
+    j["prefill_stages"] = stages(prefill_times);
+    j["decode_stages"] = stages(dt);
+    j["kv_bytes"] = attention->kv_bytes();
+    j["index_bytes"] = attention->index_bytes();
+    j["weight_bytes"] = model.weight_bytes();
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+
+  // The CPU kernels a dense backend picked (other backends say their own name).
+  const auto* dense = dynamic_cast<const hm::DenseKvAttention*>(attention.get());
+  const std::string kernels = dense ? std::string(hattn::to_string(dense->backend().isa())) : "-";
+  std::printf("model     %s: %d layers, hidden %d, %d q / %d kv heads of %d, vocab %d\n",
+              opt.synthetic.empty() ? opt.model_dir.c_str() : opt.synthetic.c_str(), cfg.num_layers,
+              cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
+  std::printf(
+      "run       attention %s (%s kernels), compute %s, %d threads, batch %d, prompt %lld "
+      "tokens (%s prefill%s)\n",
+      attention->name(), kernels.c_str(), opt.compute.c_str(), executor.concurrency(), opt.batch,
+      static_cast<long long>(prompt_len), opt.prefill.c_str(),
+      opt.prefill == "synthetic" ? ", benchmark only: outputs are meaningless" : "");
+  for (int b = 0; b < opt.batch; ++b) {
+    std::printf("seq %-5d", b);
+    for (std::int32_t t : generated[static_cast<std::size_t>(b)]) std::printf(" %d", t);
+    std::printf("\n");
+  }
+  const auto row = [](const char* name, const hm::StageTimes& t, double wall) {
+    const auto pct = [&](double x) { return wall > 0 ? 100.0 * x / wall : 0.0; };
+    std::printf(
+        "%-9s %9.3f s | gemm %8.3f s %5.1f%% | attention %8.3f s %5.1f%% | copies %7.3f s "
+        "%5.1f%% | merge %6.3f s | other %6.3f s\n",
+        name, wall, t.gemm_s, pct(t.gemm_s), t.attention_s, pct(t.attention_s), t.copies_s,
+        pct(t.copies_s), t.merge_s, t.other_s);
+  };
+  std::printf("\n%-9s %11s   %-s\n", "phase", "wall", "per stage");
+  row("prefill", prefill_times, prefill_s);
+  row("decode", dt, decode_s);
+  std::printf("\nprefill   %10.1f tok/s  (%lld tokens%s)\n", prefill_tok_s,
+              static_cast<long long>(opt.batch * prompt_len),
+              opt.prefill == "synthetic" ? ", synthetic: cache fill only" : "");
+  std::printf("decode    %10.2f tok/s  (%d steps x batch %d)\n", decode_tok_s, steps, opt.batch);
+  std::printf("memory    KV %.1f MB, index %.1f MB, weights %.1f MB (mapped), load %.2f s\n",
+              kv_gb * 1e3, index_gb * 1e3, weights_gb * 1e3, load_s);
+  return 0;
+}

@@ -1,0 +1,22 @@
+#pragma once
+// Decode-time projections (a few tokens times a large weight matrix) are bound
+// by reading the weights: a fused widen-and-dot kernel reads each weight once,
+// in its stored dtype, without staging it as f32. Built in its own AVX-512
+// translation unit, without Eigen (DESIGN.md: never Eigen in an ISA-flagged TU).
+
+#include <cstdint>
+
+#include "hattn/core/dtype.hpp"
+
+namespace hattn::model::detail {
+
+// Largest token count the fused kernel takes.
+inline constexpr std::int64_t kGemvMaxTokens = 16;
+
+// y[t * y_stride + r] = dot(x[t * in ...], W[r]) for rows [r0, r1) of
+// W [out][in] (stored in `dtype`, any alignment) and t < num_tokens.
+void gemv_rows_avx512(const void* w, DType dtype, std::int64_t in, std::int64_t r0, std::int64_t r1,
+                      const float* x, std::int64_t num_tokens, float* y,
+                      std::int64_t y_stride) noexcept;
+
+}  // namespace hattn::model::detail
