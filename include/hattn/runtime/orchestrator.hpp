@@ -154,6 +154,12 @@ class DecodeOrchestrator {
   DecodeOrchestrator(const DecodeOrchestrator&) = delete;
   DecodeOrchestrator& operator=(const DecodeOrchestrator&) = delete;
 
+  // Wait until everything issued has run (streams idle, ring drained) and,
+  // after a failed step, undo its host KV appends. step() does this itself
+  // first; an engine calls it after a failed step before it touches the
+  // buffers or state its stages use, since a stalled stage may still run.
+  Status wait_idle(Deadline deadline = Deadline::max()) { return drain(deadline); }
+
   const OrchestratorOptions& options() const noexcept { return opt_; }
   Timeline& timeline() noexcept { return timeline_; }
   std::int32_t steps_done() const noexcept { return step_; }
