@@ -34,7 +34,7 @@ namespace {
 namespace rt = hattn::runtime;
 using Ms = std::chrono::duration<double, std::milli>;
 
-constexpr std::int32_t kLayers = 4;
+constexpr std::int32_t kLayers = 8;
 constexpr std::int32_t kBatch = 16;
 constexpr std::int32_t kKvLen = 4096;
 constexpr std::int32_t kSpareTokens = 1024;  // room for the benchmark's steps

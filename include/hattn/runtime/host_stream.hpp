@@ -105,10 +105,13 @@ class HostStream {
     bool always;  // runs even after an error
   };
 
-  Status push(std::function<Status()> fn, bool always) {
+  // Never throws: a callable that cannot be stored is an error Status.
+  template <class F>
+  Status push(F&& fn, bool always) noexcept {
     try {
+      Item item{std::function<Status()>(std::forward<F>(fn)), always};
       std::lock_guard<std::mutex> lock(mutex_);
-      queue_.push_back({std::move(fn), always});
+      queue_.push_back(std::move(item));
       ++submitted_;
     } catch (...) {
       return {StatusCode::kOutOfMemory, "HostStream: cannot enqueue"};
