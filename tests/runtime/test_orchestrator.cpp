@@ -354,13 +354,35 @@ TEST_CASE("The timeline shows CPU attention of one micro-batch during compute of
   Pair p(cfg, hattn_test::make_rng("overlap")());
   Flag a_started, cpu_started;
   std::atomic<bool> a_saw_cpu{false}, cpu_saw_a{false};
-  Hooked<DenseCpuAttention> backend{&p.orch_backend, [&](const auto& t) {
-                                      if (t.layer == 0 && t.micro_batch == 0) {
-                                        cpu_started.raise();
-                                        cpu_saw_a = a_started.wait(std::chrono::seconds(10));
-                                      }
-                                      return Status::ok();
-                                    }};
+  std::atomic<int> new_kv_mismatches{0};
+  Hooked<DenseCpuAttention> backend{
+      &p.orch_backend, [&](const auto& t) {
+        // new_k/new_v are the last token of the host KV
+        // (all-CPU policy: the view is whole).
+        const auto& kv = t.kv;
+        const std::size_t es = hattn::size_of(kv.dtype);
+        for (std::int32_t b = 0; b < kv.batch_size; ++b) {
+          const std::int64_t page = kv.indices[kv.indptr[b + 1] - 1];
+          const std::int64_t off = kv.last_page_len[b] - 1;
+          for (std::int32_t h = 0; h < kv.num_kv_heads; ++h) {
+            const std::int64_t at =
+                page * kv.k_strides.outer + off * kv.k_strides.token + h * kv.k_strides.head;
+            const std::int64_t src = (std::int64_t{b} * kv.num_kv_heads + h) * kv.head_dim;
+            const auto* k = static_cast<const std::byte*>(kv.k);
+            const auto* v = static_cast<const std::byte*>(kv.v);
+            const auto* nk = static_cast<const std::byte*>(t.new_k);
+            const auto* nv = static_cast<const std::byte*>(t.new_v);
+            if (std::memcmp(k + at * es, nk + src * es, kv.head_dim * es) != 0 ||
+                std::memcmp(v + at * es, nv + src * es, kv.head_dim * es) != 0)
+              ++new_kv_mismatches;
+          }
+        }
+        if (t.layer == 0 && t.micro_batch == 0) {
+          cpu_started.raise();
+          cpu_saw_a = a_started.wait(std::chrono::seconds(10));
+        }
+        return Status::ok();
+      }};
   Stages st = p.orch_engine.stages<HostStream*>();
   auto a = st.stage_a;
   st.stage_a = [&, a](const hattn::runtime::StageContext& c, HostStream* h) {
@@ -378,6 +400,7 @@ TEST_CASE("The timeline shows CPU attention of one micro-batch during compute of
   REQUIRE(orch.step(seqs, p.orch_engine.io(), st));
   CHECK(a_saw_cpu);
   CHECK(cpu_saw_a);
+  CHECK(new_kv_mismatches == 0);
   const auto es = orch.timeline().entries();
   bool found = false;
   for (const TimelineEntry& c : es)

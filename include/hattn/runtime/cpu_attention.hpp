@@ -44,6 +44,11 @@ struct CpuAttentionTask {
   std::span<const std::int32_t> seqs;      // host KV cache sequence indices
   std::span<const std::int64_t> seq_lens;  // full lengths (CPU + device share)
   std::int64_t appended_tokens = 1;        // tokens appended to each sequence just now
+  // This step's k and v, [B][num_kv_heads][head_dim] in the KV dtype (in the
+  // slot), for backends that keep their own KV or index (cpu::LshAttention:
+  // append(seq, new_k + b * row, new_v + b * row, 1), then decode()).
+  const void* new_k = nullptr;
+  const void* new_v = nullptr;
   const std::byte* query_codes = nullptr;  // [B][code_bytes_per_seq], or null
   std::size_t code_bytes_per_seq = 0;
   PartialView out{};  // f32 o [B][Hq][D] and lse2 [B][Hq], in the ring slot

@@ -512,6 +512,8 @@ class DecodeOrchestrator {
     t.seqs = {seqs_.data() + job.range.begin, static_cast<std::size_t>(B)};
     t.seq_lens = {lens_.data() + first, static_cast<std::size_t>(B)};
     t.appended_tokens = 1;
+    t.new_k = sb.k;
+    t.new_v = sb.v;
     t.query_codes = sb.codes;
     t.code_bytes_per_seq = sh.code_bytes_per_seq;
     t.out = make_partial_view(sb.o, DType::kF32, sb.lse2, B, sh.num_q_heads, sh.head_dim);

@@ -31,7 +31,7 @@ inline void cpu_relax() noexcept {
 // a blocked waiter's re-check, so no wake-up is lost.
 class SpinThenBlock {
  public:
-  static constexpr int kSpinIterations = 2000;  // ~10-50 us of pause instructions
+  static constexpr int kSpinIterations = 256;  // a few microseconds of pause instructions
 
   // True when ready() held before the deadline.
   template <class Ready>
