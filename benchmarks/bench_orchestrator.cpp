@@ -6,9 +6,10 @@
 // about as long as attention.
 //
 // Cases orchestrator/host/mb:<m>, m in {1, 2, 4}. Counters, in ms per step:
-//   step_ms             an orchestrated step (wall time, mean over the iterations)
+//   step_ms             an orchestrated step (wall time)
 //   compute_ms          the stages alone, run in sequence on one thread
 //   attention_ms        the CPU attention alone (page tables + backend), one thread
+// each the median over the iterations, measured in turn in every iteration.
 //   overlap_efficiency  max(compute_ms, attention_ms) / step_ms: 1 is perfect
 //                       overlap, 0.5 none when the two are equal.
 
@@ -18,6 +19,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -107,9 +110,9 @@ double median_ms(int reps, F&& f) {
 }
 
 // The stages of one step, in sequence on this thread.
-double compute_alone_ms(hattn_examples::GemmModel& model, std::int32_t mbs) {
+double compute_alone_ms(hattn_examples::GemmModel& model, std::int32_t mbs, int reps = 5) {
   const auto seqs = all_seqs();
-  return median_ms(5, [&] {
+  return median_ms(reps, [&] {
     for (std::int32_t l = 0; l < kLayers; ++l)
       for (std::int32_t m = 0; m < mbs; ++m) {
         const auto r = rt::micro_batch_range(kBatch, mbs, m);
@@ -126,7 +129,8 @@ double compute_alone_ms(hattn_examples::GemmModel& model, std::int32_t mbs) {
 }
 
 // The CPU attention of one step (every layer and micro-batch), alone.
-double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::CpuExecutor& ex) {
+double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::CpuExecutor& ex,
+                          int reps = 5) {
   const auto seqs = all_seqs();
   const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
   rt::DenseCpuAttention backend(problem(max_mb));
@@ -135,7 +139,7 @@ double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::Cp
   std::vector<std::int64_t> cpu(kBatch);
   hattn::PageTable table;
   bool ok = true;
-  const double ms = median_ms(5, [&] {
+  const double ms = median_ms(reps, [&] {
     for (std::int32_t l = 0; l < kLayers; ++l)
       for (std::int32_t m = 0; m < mbs; ++m) {
         const auto r = rt::micro_batch_range(kBatch, mbs, m);
@@ -179,9 +183,6 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
   }
   hattn_examples::GemmModel model(model_config(mbs, reps), 7);
   hattn::CpuExecutor executor(1);  // attention on one core, compute on the other
-  const double compute_ms = compute_alone_ms(model, mbs);
-  const double attention_ms = attention_alone_ms(*kv, mbs, executor);
-
   const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
   rt::OrchestratorOptions oo;
   oo.num_layers = kLayers;
@@ -192,7 +193,8 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
              .head_dim = 64,
              .kv_dtype = hattn::DType::kBF16,
              .code_bytes_per_seq = 0};
-  oo.record_timeline = false;
+  // HATTN_BENCH_TRACE_DIR=<dir>: record the timeline and write it there.
+  oo.record_timeline = std::getenv("HATTN_BENCH_TRACE_DIR") != nullptr;
   rt::DenseCpuAttention backend(problem(max_mb));
   rt::HostStream compute, copy;
   rt::DecodeOrchestrator<rt::HostStream, rt::DenseCpuAttention> orch(oo, compute, copy, *kv,
@@ -203,8 +205,10 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
     state.SkipWithError("warm-up step failed");
     return;
   }
-  double total_ms = 0.0;
-  std::int64_t steps = 0;
+  // Each iteration times an orchestrated step, then the stages alone and the
+  // attention alone, so the three see the same machine (it is shared and
+  // noisy); the counters are medians over the iterations.
+  std::vector<double> step_ms, compute_ms, attention_ms;
   for (auto _ : state) {
     if (kv->seq_len(0, 0) >= kKvLen + kSpareTokens - 1) {
       state.SkipWithError("out of spare KV pages: raise kSpareTokens");
@@ -212,19 +216,29 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
     }
     const auto t0 = std::chrono::steady_clock::now();
     const hattn::Status s = orch.step(seqs, model.io(), stages);
-    total_ms += Ms(std::chrono::steady_clock::now() - t0).count();
-    ++steps;
+    step_ms.push_back(Ms(std::chrono::steady_clock::now() - t0).count());
     if (!s) {
       state.SkipWithError(s.message());
       break;
     }
+    compute_ms.push_back(compute_alone_ms(model, mbs, 1));
+    attention_ms.push_back(attention_alone_ms(*kv, mbs, executor, 1));
   }
-  if (steps == 0) return;
-  const double step_ms = total_ms / static_cast<double>(steps);
-  state.counters["step_ms"] = step_ms;
-  state.counters["compute_ms"] = compute_ms;
-  state.counters["attention_ms"] = attention_ms;
-  state.counters["overlap_efficiency"] = std::max(compute_ms, attention_ms) / step_ms;
+  if (step_ms.empty()) return;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double step_med = median(step_ms), compute_med = median(compute_ms),
+               attention_med = median(attention_ms);
+  state.counters["step_ms"] = step_med;
+  state.counters["compute_ms"] = compute_med;
+  state.counters["attention_ms"] = attention_med;
+  state.counters["overlap_efficiency"] = std::max(compute_med, attention_med) / step_med;
+  if (const char* dir = std::getenv("HATTN_BENCH_TRACE_DIR")) {
+    std::ofstream(std::string(dir) + "/orchestrator_host_mb" + std::to_string(mbs) + ".json")
+        << orch.timeline().to_chrome_trace();
+  }
   state.counters["mlp_reps"] = reps;
 }
 
