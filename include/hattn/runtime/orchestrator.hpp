@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <span>
 #include <stdexcept>
 #include <thread>
@@ -97,7 +98,9 @@ struct OrchestratorOptions {
   std::int32_t num_micro_batches = 2;
   // Largest micro-batch (slot.max_batch), heads, head dim, KV dtype, codes.
   SlotShape slot{};
-  std::int32_t ring_slots = 0;  // 0: num_micro_batches (the most ever in flight)
+  // 0: 2 * num_micro_batches, so the issuing thread can run a layer ahead of
+  // the streams. At least num_micro_batches.
+  std::int32_t ring_slots = 0;
   std::chrono::nanoseconds step_timeout = std::chrono::seconds(30);
   bool record_timeline = true;
 };
@@ -134,11 +137,10 @@ class DecodeOrchestrator {
         backend_(backend),
         executor_(executor),
         policy_(std::move(policy)),
-        ring_(opt_.slot, opt_.ring_slots > 0 ? opt_.ring_slots : opt_.num_micro_batches,
+        ring_(opt_.slot, opt_.ring_slots > 0 ? opt_.ring_slots : 2 * opt_.num_micro_batches,
               slot_memory),
         jobs_(static_cast<std::size_t>(ring_.capacity())),
-        a_done_(static_cast<std::size_t>(opt_.num_micro_batches)),
-        h2d_done_(static_cast<std::size_t>(opt_.num_micro_batches)) {
+        a_done_(static_cast<std::size_t>(opt_.num_micro_batches)) {
     if (ring_.capacity() < opt_.num_micro_batches)
       throw std::invalid_argument("DecodeOrchestrator: fewer ring slots than micro-batches");
     cpu_thread_ = std::thread([this] { cpu_loop(); });
@@ -289,6 +291,8 @@ class DecodeOrchestrator {
                   "DecodeOrchestrator: the partition gives the device tokens but the "
                   "device_attention stage or the cpu_/device_ buffers are missing"};
     cancelled_.store(false, std::memory_order_release);
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    step_error_ = Status::ok();
     return Status::ok();
   }
 
@@ -369,37 +373,30 @@ class DecodeOrchestrator {
   }
 
   // Wait for the CPU partial of (layer, m), copy it back, merge, stage B.
-  Status issue_back(std::int32_t layer, std::int32_t m, Deadline deadline) {
-    const std::int64_t pos = next_response_;
-    HATTN_RETURN_IF_ERROR(ring_.wait_response(pos, deadline));
-    ++next_response_;
-    const Job& job = jobs_[static_cast<std::size_t>(pos % ring_.capacity())];
-    if (job.layer != layer || job.micro_batch != m) {
-      ring_.release(pos);
-      return {StatusCode::kInternal, "DecodeOrchestrator: ring response out of order"};
-    }
-    Status s = job.status;
-    if (s) s = compute_.query();
-    if (s) s = copy_.query();
-    if (!s) {
-      ring_.release(pos);  // the streams do not touch this slot any more
-      return s;
-    }
+  // The compute stream waits for the CPU partial of (layer, m), copies it in,
+  // merges, runs stage B. Nothing here blocks the calling thread: the wait is
+  // the stream's (on CUDA a stream wait on the slot's sequence word), so the
+  // hand-off from the CPU thread to the compute stream wakes only the thread
+  // that is about to work, and this thread runs ahead until the ring is full.
+  Status issue_back(std::int32_t layer, std::int32_t m) {
+    const std::int64_t pos = next_response_++;
     const bool split = split_[static_cast<std::size_t>(layer * mbs_ + m)] != 0;
     const SlotShape& sh = opt_.slot;
     const SlotBuffers sb = ring_.buffers(pos);
     const MicroBatchIo& io = io_[static_cast<std::size_t>(m)];
-    const auto n = static_cast<std::size_t>(job.range.size);
+    const auto n = static_cast<std::size_t>(micro_batch_range(batch(), mbs_, m).size);
     float* o = split ? io.cpu_o : io.attn_o;
     float* lse2 = split ? io.cpu_lse2 : io.attn_lse2;
-    HATTN_RETURN_IF_ERROR(mark_begin(copy_, Phase::kCopyToDevice, layer, m));
-    HATTN_RETURN_IF_ERROR(copy_.copy(o, sb.o, sizeof(float) * n * sh.num_q_heads * sh.head_dim));
-    HATTN_RETURN_IF_ERROR(copy_.copy(lse2, sb.lse2, sizeof(float) * n * sh.num_q_heads));
-    HATTN_RETURN_IF_ERROR(mark_end(copy_, Phase::kCopyToDevice, layer, m));
-    HATTN_RETURN_IF_ERROR(copy_.host_fn([this, pos] { ring_.release(pos); }));
-    auto& h2d_done = h2d_done_[static_cast<std::size_t>(m)];
-    HATTN_RETURN_IF_ERROR(h2d_done.record(copy_));
-    HATTN_RETURN_IF_ERROR(h2d_done.wait(compute_));
+    HATTN_RETURN_IF_ERROR(compute_.host_fn([this, pos] {
+      (void)ring_.wait_response(pos, Deadline::max());  // every published request is answered
+      const Status& s = jobs_[static_cast<std::size_t>(pos % ring_.capacity())].status;
+      if (!s) fail(s);
+    }));
+    HATTN_RETURN_IF_ERROR(mark_begin(compute_, Phase::kCopyToDevice, layer, m));
+    HATTN_RETURN_IF_ERROR(compute_.copy(o, sb.o, sizeof(float) * n * sh.num_q_heads * sh.head_dim));
+    HATTN_RETURN_IF_ERROR(compute_.copy(lse2, sb.lse2, sizeof(float) * n * sh.num_q_heads));
+    HATTN_RETURN_IF_ERROR(mark_end(compute_, Phase::kCopyToDevice, layer, m));
+    HATTN_RETURN_IF_ERROR(compute_.host_fn([this, pos] { ring_.release(pos); }));
     if (split) {
       const auto b = static_cast<std::int32_t>(n);
       const std::int32_t H = sh.num_q_heads, D = sh.head_dim;
@@ -413,11 +410,28 @@ class DecodeOrchestrator {
     return run_stage(Phase::kStageB, &stages_.stage_b, layer, m);
   }
 
+  // A backend error seen by the compute stream: the step fails with it and
+  // its remaining engine stages are skipped.
+  void fail(const Status& s) {
+    {
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (step_error_.is_ok()) step_error_ = s;
+    }
+    cancelled_.store(true, std::memory_order_release);
+  }
+  Status step_error() {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    return step_error_;
+  }
+
   Status issue_step(Deadline deadline) {
     for (std::int32_t m = 0; m < mbs_; ++m) HATTN_RETURN_IF_ERROR(issue_front(0, m, deadline));
     for (std::int32_t l = 0; l < opt_.num_layers; ++l)
       for (std::int32_t m = 0; m < mbs_; ++m) {
-        HATTN_RETURN_IF_ERROR(issue_back(l, m, deadline));
+        if (cancelled_.load(std::memory_order_acquire)) return step_error();
+        HATTN_RETURN_IF_ERROR(compute_.query());
+        HATTN_RETURN_IF_ERROR(copy_.query());
+        HATTN_RETURN_IF_ERROR(issue_back(l, m));
         if (l + 1 < opt_.num_layers) HATTN_RETURN_IF_ERROR(issue_front(l + 1, m, deadline));
       }
     return Status::ok();
@@ -436,6 +450,7 @@ class DecodeOrchestrator {
   }
   Status finish(Deadline deadline) {
     HATTN_RETURN_IF_ERROR(streams_idle(deadline));
+    HATTN_RETURN_IF_ERROR(step_error());
     const Status a = compute_.synchronize(deadline);
     const Status b = copy_.synchronize(deadline);
     return a ? b : a;
@@ -528,9 +543,8 @@ class DecodeOrchestrator {
   const CpuExecutor& executor_;
   PartitionPolicy policy_;
   SlotRing ring_;
-  std::vector<Job> jobs_;                    // per slot
-  std::vector<typename S::Event> a_done_;    // per micro-batch: stage A issued
-  std::vector<typename S::Event> h2d_done_;  // per micro-batch: partial back on the device
+  std::vector<Job> jobs_;                  // per slot
+  std::vector<typename S::Event> a_done_;  // per micro-batch: stage A issued
   Timeline timeline_;
 
   // The step in flight (read by queued work and the CPU thread).
@@ -551,6 +565,8 @@ class DecodeOrchestrator {
   bool needs_drain_ = false;
   bool rollback_ = false;  // the last step failed: undo its KV appends
   std::atomic<bool> cancelled_{false};
+  std::mutex error_mutex_;
+  Status step_error_ = Status::ok();  // a backend error, guarded by error_mutex_
   std::atomic<bool> stop_{false};
   std::thread cpu_thread_;  // last: started in the constructor body
 };

@@ -32,8 +32,7 @@ enum class Track : std::uint8_t { kCompute, kCopy, kCpu };
 
 constexpr Track track_of(Phase p) noexcept {
   switch (p) {
-    case Phase::kCopyToHost:
-    case Phase::kCopyToDevice: return Track::kCopy;
+    case Phase::kCopyToHost: return Track::kCopy;
     case Phase::kCpuAttention: return Track::kCpu;
     default: return Track::kCompute;
   }
