@@ -3,17 +3,19 @@
 // compute overlapped with CPU attention (NEO's asymmetric pipelining, Lamina's
 // staggered pipelining). For each layer l and micro-batch m:
 //
-//   compute stream:  stage A(l,m) [device attention(l,m)]            merge  stage B(l,m)
-//   copy stream:                    q,k,v -> ring slot   ...  o,lse2 -> device
-//   CPU thread:                                  append k,v + attend
+//   compute stream:  stage A(l,m) [device attn]   ... wait(slot answered) o,lse2 in [merge] B(l,m)
+//   copy stream:        wait(A) q,k,v -> ring slot, publish
+//   CPU thread:                         append k,v + attend, answer
 //
-// Work is issued in the order A(0,0..M-1), then for each (l, m): wait for the
-// CPU partial of (l,m), B(l,m), A(l+1,m). So while the CPU attends micro-batch
-// m, the compute stream runs B and the next layer's A of the other
-// micro-batches: with M >= 2 and compute ~ attention both stay busy; with M = 1
-// they alternate (the baseline). Only the thread calling step() uses the
-// streams' API; the streams' host_fn callbacks and the CPU thread touch host
-// memory and atomics only.
+// Work is issued in the order A(0,0..M-1), then for each (l, m): the back
+// half of (l,m) (B), then A(l+1,m). So while the CPU attends micro-batch m,
+// the compute stream runs B and the next layer's A of the other micro-batches:
+// with M >= 2 and compute ~ attention both stay busy; with M = 1 they
+// alternate (the baseline). Only the thread calling step() uses the streams'
+// API, and it never waits for the CPU (only for a free slot when the ring is
+// full): the compute stream itself waits for the CPU's answer (a blocking
+// host_fn here; a stream wait on the slot's sequence word on CUDA). host_fn
+// callbacks and the CPU thread touch host memory and atomics only.
 //
 // The engine supplies the stages (EngineStages) and its device buffers
 // (MicroBatchIo); hattn owns the ring, the events, the CPU thread and the
