@@ -353,9 +353,15 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
 
 template <class T, int D, int W, bool kAligned>
 cudaError_t launch_decode(const DecodeParams& p, std::int64_t num_ctas, cudaStream_t stream) {
-  decode_kernel<T, D, W, kAligned>
-      <<<static_cast<unsigned int>(num_ctas), kThreadsPerCta, 0, stream>>>(p);
-  return cudaGetLastError();
+  // The launch's own status (not cudaGetLastError(), which would also report
+  // an error some earlier, unrelated call left pending).
+  void* args[] = {const_cast<DecodeParams*>(&p)};
+  const cudaError_t e =
+      cudaLaunchKernel(reinterpret_cast<const void*>(&decode_kernel<T, D, W, kAligned>),
+                       dim3(static_cast<unsigned int>(num_ctas)), dim3(kThreadsPerCta), args, 0,
+                       stream);
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return e;
 }
 
 // The launcher of every (head dim, width, alignment) of the supported lists

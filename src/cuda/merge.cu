@@ -84,8 +84,10 @@ cudaError_t launch_merge_chunks(const DecodeParams& p, cudaStream_t stream) noex
   cudaError_t err = cudaErrorInvalidValue;
   for_each_value<SupportedHeadDims>([&](auto d) {
     if (d.value == p.head_dim) {
-      merge_chunks_kernel<d.value><<<ctas, kThreadsPerCta, 0, stream>>>(p);
-      err = cudaGetLastError();
+      void* args[] = {const_cast<DecodeParams*>(&p)};
+      err = cudaLaunchKernel(reinterpret_cast<const void*>(&merge_chunks_kernel<d.value>),
+                             dim3(ctas), dim3(kThreadsPerCta), args, 0, stream);
+      if (err != cudaSuccess) (void)cudaGetLastError();
     }
   });
   return err;
@@ -111,9 +113,11 @@ Status merge_partials(const PartialView& a, const PartialView& b, const PartialV
       return {StatusCode::kInvalidArgument, "merge_partials: negative stride"};
   const std::int64_t ctas = (rows + detail::kWarpsPerCta - 1) / detail::kWarpsPerCta;
   if (ctas > 0x7fffffff) return {StatusCode::kNotSupported, "merge_partials: too many rows"};
-  detail::merge_pair_kernel<<<static_cast<unsigned int>(ctas), kThreadsPerCta, 0, stream.get()>>>(
-      a, b, out);
-  return cuda_status(cudaGetLastError());
+  PartialView pa = a, pb = b, po = out;
+  void* args[] = {&pa, &pb, &po};
+  return cuda_status(cudaLaunchKernel(reinterpret_cast<const void*>(&detail::merge_pair_kernel),
+                                      dim3(static_cast<unsigned int>(ctas)), dim3(kThreadsPerCta),
+                                      args, 0, stream.get()));
 }
 
 }  // namespace hattn::cuda

@@ -20,9 +20,14 @@
 
 namespace hattn::cuda {
 
-// A Status for a CUDA error (the message is CUDA's static string).
+// A Status for a CUDA error (the message is CUDA's static string). A failed
+// call also leaves its error pending for cudaGetLastError(); it is cleared
+// here (it is reported through the Status), so a later, unrelated check does
+// not see it again. Sticky errors (a faulted context) cannot be cleared and
+// keep failing every call, as they should.
 inline Status cuda_status(cudaError_t e) noexcept {
   if (e == cudaSuccess) return Status::ok();
+  (void)cudaGetLastError();
   return {StatusCode::kCudaError, cudaGetErrorString(e)};
 }
 

@@ -87,7 +87,9 @@ class DenseDecode {
   std::int32_t sm_count_;
 };
 
-// Error bits the kernels record in the workspace.
+// Error bits the kernels record in the workspace. indptr itself must address
+// entries inside indices: the view does not carry its length, so an entry
+// past the end cannot be detected and is read.
 enum DeviceErrorBits : std::uint32_t {
   kErrorPageIndex = 1u << 0,    // page index outside [0, num_pages)
   kErrorLastPageLen = 1u << 1,  // last_page_len outside 1..page_size

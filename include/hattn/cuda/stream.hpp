@@ -113,7 +113,12 @@ class Event {
   // Blocks the host until the recorded point has passed.
   Status synchronize() const noexcept { return cuda_status(cudaEventSynchronize(e_)); }
   // Whether the recorded point has passed (without blocking).
-  bool done() const noexcept { return cudaEventQuery(e_) == cudaSuccess; }
+  // (cudaErrorNotReady, or any other error, is cleared, not left pending.)
+  bool done() const noexcept {
+    const cudaError_t e = cudaEventQuery(e_);
+    if (e != cudaSuccess) (void)cudaGetLastError();
+    return e == cudaSuccess;
+  }
   // Milliseconds between two completed timing events.
   static Status elapsed_ms(const Event& start, const Event& stop, float* ms) noexcept {
     if (ms == nullptr) return {StatusCode::kInvalidArgument, "elapsed_ms: result is null"};
