@@ -19,14 +19,14 @@ bool parse_layer_list(std::string_view text, std::int32_t num_layers,
   if (text == "none" || text.empty()) return true;
   std::vector<std::int32_t> terms;
   bool progression = false;
-  while (!text.empty()) {
+  for (bool more = true; more;) {
     const std::size_t comma = text.find(',');
     const std::string_view item = text.substr(0, comma);
-    text = comma == std::string_view::npos ? std::string_view() : text.substr(comma + 1);
+    more = comma != std::string_view::npos;
+    text = more ? text.substr(comma + 1) : std::string_view();
     if (item == "...") {
       // "..." only last, after two terms that give the step.
-      if (!text.empty() || terms.size() < 2 || terms.back() <= terms[terms.size() - 2])
-        return false;
+      if (more || terms.size() < 2 || terms.back() <= terms[terms.size() - 2]) return false;
       progression = true;
       break;
     }
@@ -34,7 +34,6 @@ bool parse_layer_list(std::string_view text, std::int32_t num_layers,
     const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
     if (ec != std::errc() || end != item.data() + item.size() || v < 0) return false;
     terms.push_back(v);
-    if (comma == std::string_view::npos) break;
   }
   if (progression) {
     const std::int32_t step = terms.back() - terms[terms.size() - 2];
