@@ -9,6 +9,9 @@
 #   HATTN_JOBS        parallel build jobs (default: all cores)
 #   HATTN_CMAKE_ARGS  extra arguments for the configure step, e.g.
 #                     "-DHATTN_ENABLE_CUDA=OFF" (split on spaces)
+#   HATTN_TSAN        1/0: run (or skip) the ThreadSanitizer build of the
+#                     runtime tests in scripts/test.sh (default: run it when
+#                     test.sh gets no ctest arguments)
 
 HATTN_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 HATTN_BUILD_DIR="${HATTN_BUILD_DIR:-$HATTN_ROOT/build}"
@@ -72,4 +75,20 @@ hattn_setup() {
   hattn_install_packages
   hattn_configure
   hattn_build
+}
+
+# ThreadSanitizer: a second build, in $HATTN_BUILD_DIR/tsan, of only the
+# runtime (orchestrator) tests and the library they link, run with TBB's
+# uninstrumented internals suppressed (tests/runtime/tsan.supp explains).
+hattn_tsan_tests() {
+  local dir="$HATTN_BUILD_DIR/tsan"
+  hattn_log "ThreadSanitizer: configuring $dir"
+  cmake -S "$HATTN_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHATTN_ENABLE_CUDA=OFF \
+    -DHATTN_BUILD_BENCHMARKS=OFF -DHATTN_BUILD_EXAMPLES=OFF \
+    "-DCMAKE_CXX_FLAGS=-fsanitize=thread" "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread" >/dev/null
+  hattn_log "ThreadSanitizer: building hattn_runtime_tests with $HATTN_JOBS jobs"
+  cmake --build "$dir" --parallel "$HATTN_JOBS" --target hattn_runtime_tests
+  hattn_log "ThreadSanitizer: running hattn_runtime_tests"
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$HATTN_ROOT/tests/runtime/tsan.supp" \
+    "$dir/tests/hattn_runtime_tests"
 }

@@ -84,6 +84,8 @@ struct Scratch {
   std::vector<float> kn;              // [cap + chunk]: norms of the union's keys
   std::vector<std::uint16_t> qcodes;  // [16][L]
   std::vector<std::uint32_t> ranges;  // [16 L][2]: bucket bounds of a walk
+  std::vector<const std::uint32_t*> bounds;  // [16 L]: where each task's bounds are
+  std::vector<const void*> pbase;            // [16 L]: each task's table positions
   // [16][D] each: queries (natural, LSH kernel order, dense kernel order),
   // accumulator, sampled and exact outputs.
   std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
@@ -97,6 +99,8 @@ struct Scratch {
     if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L) {
       qcodes.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
       ranges.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L * 2);
+      bounds.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
+      pbase.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
     }
     if (n > cap) {
       counters.assign(static_cast<std::size_t>(kMaxGroupPerPass) * n, 0);
@@ -482,13 +486,19 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
   const std::int32_t n = L * gp;
   // Task k is (head k / L, table k % L): one head's bitsets stay in L1 while
   // its L buckets are walked.
-  auto bounds = [&](std::int32_t k) { return t.bucket_offsets(k % L, qcodes[k]); };
-  auto positions = [&](std::int32_t l) -> const Idx* {
-    if constexpr (sizeof(Idx) == 2)
-      return t.positions16(l);
-    else
-      return t.positions32(l);
-  };
+  // Per task: where its bounds are and its table's positions start (no
+  // divisions in the pipeline below).
+  const std::uint32_t** bptr = sc.bounds.data();
+  const void** pbase = sc.pbase.data();
+  for (std::int32_t g = 0, k = 0; g < gp; ++g)
+    for (std::int32_t l = 0; l < L; ++l, ++k) {
+      bptr[k] = t.bucket_offsets(l, qcodes[k]);
+      if constexpr (sizeof(Idx) == 2)
+        pbase[k] = t.positions16(l);
+      else
+        pbase[k] = t.positions32(l);
+    }
+  auto bounds = [&](std::int32_t k) { return bptr[k]; };
   std::uint32_t* range = sc.ranges.data();  // [n][2]
   for (std::int32_t k = 0; k < std::min(n, kBounds); ++k) __builtin_prefetch(bounds(k));
   for (std::int32_t k = 0; k < n + kPositions; ++k) {
@@ -497,15 +507,14 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
       const std::uint32_t* o = bounds(k);
       range[2 * k] = o[0];
       range[2 * k + 1] = o[1];
-      const auto* first = reinterpret_cast<const char*>(positions(k % L) + o[0]);
-      const auto* last = reinterpret_cast<const char*>(positions(k % L) + o[1]);
+      const auto* first = reinterpret_cast<const char*>(static_cast<const Idx*>(pbase[k]) + o[0]);
+      const auto* last = reinterpret_cast<const char*>(static_cast<const Idx*>(pbase[k]) + o[1]);
       for (const char* c = first; c < last && c < first + 512; c += 64) __builtin_prefetch(c);
     }
     const std::int32_t j = k - kPositions;
     if (j >= 0) {
-      const std::int32_t g = j / L;
-      const Idx* pos = positions(j % L);
-      hit(g, pos + range[2 * j], pos + range[2 * j + 1]);
+      const Idx* pos = static_cast<const Idx*>(pbase[j]);
+      hit(j / L, pos + range[2 * j], pos + range[2 * j + 1]);
     }
   }
 }

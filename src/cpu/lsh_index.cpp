@@ -54,7 +54,7 @@ void LshTables::insert(const std::uint16_t* codes, std::int64_t n) {
   }
   const std::int64_t first = size();
   const std::int64_t ns = side_size_ + n;
-  std::vector<std::uint64_t> side(static_cast<std::size_t>(L_) * static_cast<std::size_t>(ns));
+  Vec<std::uint64_t> side(static_cast<std::size_t>(L_) * static_cast<std::size_t>(ns));
   std::vector<std::uint64_t> batch(static_cast<std::size_t>(n));
   for (std::int32_t l = 0; l < L_; ++l) {
     for (std::int64_t i = 0; i < n; ++i)
@@ -74,9 +74,9 @@ void LshTables::compact() {
   const std::size_t nb = bucket_count(), L = static_cast<std::size_t>(L_);
   const std::int64_t n = main_size_ + side_size_;
   const bool wide = n >= 65536;
-  std::vector<std::uint32_t> offsets(L * (nb + 1));
-  std::vector<std::uint16_t> idx16;
-  std::vector<std::uint32_t> idx32;
+  Vec<std::uint32_t> offsets(L * (nb + 1));
+  Vec<std::uint16_t> idx16;
+  Vec<std::uint32_t> idx32;
   if (wide)
     idx32.resize(L * static_cast<std::size_t>(n));
   else

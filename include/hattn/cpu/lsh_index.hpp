@@ -16,6 +16,8 @@
 #include <span>
 #include <vector>
 
+#include "hattn/detail/huge_alloc.hpp"
+
 namespace hattn::cpu {
 
 class LshTables {
@@ -111,10 +113,12 @@ class LshTables {
   bool wide_ = false;
   std::int64_t main_size_ = 0;
   std::int64_t side_size_ = 0;
-  std::vector<std::uint32_t> offsets_;  // [L][2^K + 1]
-  std::vector<std::uint16_t> idx16_;    // [L][main_size_]
-  std::vector<std::uint32_t> idx32_;
-  std::vector<std::uint64_t> side_;  // [L][side_size_]: code << 32 | position, sorted
+  template <class T>
+  using Vec = std::vector<T, ::hattn::detail::HugePageAllocator<T>>;
+  Vec<std::uint32_t> offsets_;  // [L][2^K + 1]
+  Vec<std::uint16_t> idx16_;    // [L][main_size_]
+  Vec<std::uint32_t> idx32_;
+  Vec<std::uint64_t> side_;  // [L][side_size_]: code << 32 | position, sorted
 };
 
 }  // namespace hattn::cpu

@@ -1,0 +1,258 @@
+// The decode-step orchestrator on host streams: how much of the compute and the
+// CPU attention overlap. Compute stages are real Eigen GEMM stacks
+// (examples/04_orchestrated_step/gemm_model.hpp) on the compute stream's
+// thread, i.e. one core; CPU attention (cpu::DenseDecode) runs on a one-thread
+// arena on the other. The MLP depth is calibrated once so that compute takes
+// about as long as attention.
+//
+// Cases orchestrator/host/mb:<m>, m in {1, 2, 4}. Counters, in ms per step:
+//   step_ms             an orchestrated step (wall time)
+//   compute_ms          the stages alone, run in sequence on one thread
+//   attention_ms        the CPU attention alone (page tables + backend), one thread
+// each the median over the iterations, measured in turn in every iteration.
+//   overlap_efficiency  max(compute_ms, attention_ms) / step_ms: 1 is perfect
+//                       overlap, 0.5 none when the two are equal.
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../examples/04_orchestrated_step/gemm_model.hpp"
+#include "hattn/cpu/executor.hpp"
+#include "hattn/runtime/cpu_attention.hpp"
+#include "hattn/runtime/host_kv_cache.hpp"
+#include "hattn/runtime/host_stream.hpp"
+#include "hattn/runtime/orchestrator.hpp"
+
+namespace {
+
+namespace rt = hattn::runtime;
+using Ms = std::chrono::duration<double, std::milli>;
+
+constexpr std::int32_t kLayers = 8;
+constexpr std::int32_t kBatch = 16;
+constexpr std::int32_t kKvLen = 4096;
+constexpr std::int32_t kSpareTokens = 1024;  // room for the benchmark's steps
+
+hattn_examples::GemmModelConfig model_config(std::int32_t mbs, std::int32_t mlp_reps) {
+  hattn_examples::GemmModelConfig c;
+  c.num_layers = kLayers;
+  c.batch = kBatch;
+  c.num_micro_batches = mbs;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.head_dim = 64;
+  // Small weights (~0.5 MB in all) stay in the compute core's L2 while the
+  // attention streams the KV cache through memory: like an accelerator, the
+  // compute does not compete for the host's memory bandwidth.
+  c.hidden = 64;
+  c.ffn = 256;
+  c.mlp_reps = mlp_reps;
+  c.shared_weights = true;
+  return c;
+}
+
+hattn::DecodeProblem problem(std::int32_t batch) {
+  return {.batch_size = batch,
+          .num_q_heads = 8,
+          .num_kv_heads = 2,
+          .head_dim = 64,
+          .kv_dtype = hattn::DType::kBF16,
+          .q_dtype = hattn::DType::kF32,
+          .o_dtype = hattn::DType::kF32,
+          .sm_scale = std::nullopt};
+}
+
+std::unique_ptr<rt::HostKvCache> make_cache() {
+  const std::int64_t pages = (kKvLen + kSpareTokens) / 16 + 1;
+  auto kv = std::make_unique<rt::HostKvCache>(
+      kLayers, hattn::PagePoolOptions{.dtype = hattn::DType::kBF16,
+                                      .num_kv_heads = 2,
+                                      .head_dim = 64,
+                                      .page_size = 16,
+                                      .num_pages = pages * kBatch,
+                                      .layout = hattn::KvLayout::kHND});
+  std::vector<hattn::bf16> k(std::size_t{kKvLen} * 2 * 64), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = hattn::to_bf16(std::sin(0.37f * static_cast<float>(i % 1000)));
+    v[i] = hattn::to_bf16(std::cos(0.11f * static_cast<float>(i % 777)));
+  }
+  for (std::int32_t b = 0; b < kBatch; ++b) {
+    std::int32_t id = 0;
+    if (!kv->add_sequence(&id)) return nullptr;
+    for (std::int32_t l = 0; l < kLayers; ++l)
+      if (!kv->append(l, id, k.data(), v.data(), kKvLen)) return nullptr;
+  }
+  return kv;
+}
+
+std::vector<std::int32_t> all_seqs() {
+  std::vector<std::int32_t> s(kBatch);
+  for (std::int32_t i = 0; i < kBatch; ++i) s[static_cast<std::size_t>(i)] = i;
+  return s;
+}
+
+template <class F>
+double median_ms(int reps, F&& f) {
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(Ms(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// The stages of one step, in sequence on this thread.
+double compute_alone_ms(hattn_examples::GemmModel& model, std::int32_t mbs, int reps = 5) {
+  const auto seqs = all_seqs();
+  return median_ms(reps, [&] {
+    for (std::int32_t l = 0; l < kLayers; ++l)
+      for (std::int32_t m = 0; m < mbs; ++m) {
+        const auto r = rt::micro_batch_range(kBatch, mbs, m);
+        rt::StageContext c;
+        c.layer = l;
+        c.micro_batch = m;
+        c.first_seq = r.begin;
+        c.seqs = {seqs.data() + r.begin, static_cast<std::size_t>(r.size)};
+        c.io = &model.io()[static_cast<std::size_t>(m)];
+        (void)model.stage_a(c);
+        (void)model.stage_b(c);
+      }
+  });
+}
+
+// The CPU attention of one step (every layer and micro-batch), alone.
+double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::CpuExecutor& ex,
+                          int reps = 5) {
+  const auto seqs = all_seqs();
+  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
+  rt::DenseCpuAttention backend(problem(max_mb));
+  std::vector<float> q(static_cast<std::size_t>(max_mb) * 8 * 64, 0.01f), o(q.size()),
+      lse(static_cast<std::size_t>(max_mb) * 8);
+  std::vector<std::int64_t> cpu(kBatch);
+  hattn::PageTable table;
+  bool ok = true;
+  const double ms = median_ms(reps, [&] {
+    for (std::int32_t l = 0; l < kLayers; ++l)
+      for (std::int32_t m = 0; m < mbs; ++m) {
+        const auto r = rt::micro_batch_range(kBatch, mbs, m);
+        for (std::int32_t b = 0; b < r.size; ++b)
+          cpu[static_cast<std::size_t>(b)] =
+              kv.seq_len(l, seqs[static_cast<std::size_t>(r.begin + b)]);
+        rt::CpuAttentionTask t;
+        t.layer = l;
+        t.micro_batch = m;
+        t.problem = problem(r.size);
+        ok = ok && kv.build_page_table(l, seqs.data() + r.begin, cpu.data(), r.size, &table);
+        t.kv = kv.pool(l).view(table);
+        t.q = hattn::make_query_view(q.data(), hattn::DType::kF32, r.size, 8, 64);
+        t.out = hattn::make_partial_view(o.data(), hattn::DType::kF32, lse.data(), r.size, 8, 64);
+        ok = ok && backend.attend(t, ex);
+      }
+  });
+  return ok ? ms : -1.0;
+}
+
+// MLP depth at which compute ~ attention (mb:2 split), found once.
+std::int32_t calibrated_mlp_reps() {
+  static const std::int32_t reps = [] {
+    auto kv = make_cache();
+    hattn::CpuExecutor ex(1);
+    const double att = kv ? attention_alone_ms(*kv, 2, ex) : 1.0;
+    hattn_examples::GemmModel m1(model_config(2, 1), 1), m3(model_config(2, 3), 1);
+    const double c1 = compute_alone_ms(m1, 2), c3 = compute_alone_ms(m3, 2);
+    const double per_rep = std::max((c3 - c1) / 2.0, 1e-3), base = c1 - per_rep;
+    return static_cast<std::int32_t>(std::clamp(std::lround((att - base) / per_rep), 1L, 64L));
+  }();
+  return reps;
+}
+
+void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
+  const std::int32_t reps = calibrated_mlp_reps();
+  auto kv = make_cache();
+  if (!kv) {
+    state.SkipWithError("cannot build the KV cache");
+    return;
+  }
+  hattn_examples::GemmModel model(model_config(mbs, reps), 7);
+  hattn::CpuExecutor executor(1);  // attention on one core, compute on the other
+  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
+  rt::OrchestratorOptions oo;
+  oo.num_layers = kLayers;
+  oo.num_micro_batches = mbs;
+  oo.slot = {.max_batch = max_mb,
+             .num_q_heads = 8,
+             .num_kv_heads = 2,
+             .head_dim = 64,
+             .kv_dtype = hattn::DType::kBF16,
+             .code_bytes_per_seq = 0};
+  // HATTN_BENCH_TRACE_DIR=<dir>: record the timeline and write it there.
+  oo.record_timeline = std::getenv("HATTN_BENCH_TRACE_DIR") != nullptr;
+  rt::DenseCpuAttention backend(problem(max_mb));
+  rt::HostStream compute, copy;
+  rt::DecodeOrchestrator<rt::HostStream, rt::DenseCpuAttention> orch(oo, compute, copy, *kv,
+                                                                     backend, executor);
+  const auto seqs = all_seqs();
+  const auto stages = model.stages<rt::HostStream*>();
+  if (!orch.step(seqs, model.io(), stages)) {  // warm-up
+    state.SkipWithError("warm-up step failed");
+    return;
+  }
+  // Each iteration times an orchestrated step, then the stages alone and the
+  // attention alone, so the three see the same machine (it is shared and
+  // noisy); the counters are medians over the iterations.
+  std::vector<double> step_ms, compute_ms, attention_ms;
+  for (auto _ : state) {
+    if (kv->seq_len(0, 0) >= kKvLen + kSpareTokens - 1) {
+      state.SkipWithError("out of spare KV pages: raise kSpareTokens");
+      break;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const hattn::Status s = orch.step(seqs, model.io(), stages);
+    step_ms.push_back(Ms(std::chrono::steady_clock::now() - t0).count());
+    if (!s) {
+      state.SkipWithError(s.message());
+      break;
+    }
+    compute_ms.push_back(compute_alone_ms(model, mbs, 1));
+    attention_ms.push_back(attention_alone_ms(*kv, mbs, executor, 1));
+  }
+  if (step_ms.empty()) return;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double step_med = median(step_ms), compute_med = median(compute_ms),
+               attention_med = median(attention_ms);
+  state.counters["step_ms"] = step_med;
+  state.counters["compute_ms"] = compute_med;
+  state.counters["attention_ms"] = attention_med;
+  state.counters["overlap_efficiency"] = std::max(compute_med, attention_med) / step_med;
+  if (const char* dir = std::getenv("HATTN_BENCH_TRACE_DIR")) {
+    std::ofstream(std::string(dir) + "/orchestrator_host_mb" + std::to_string(mbs) + ".json")
+        << orch.timeline().to_chrome_trace();
+  }
+  state.counters["mlp_reps"] = reps;
+}
+
+const bool registered = [] {
+  for (std::int32_t m : {1, 2, 4})
+    benchmark::RegisterBenchmark(("orchestrator/host/mb:" + std::to_string(m)).c_str(),
+                                 BM_orchestrator_host, m)
+        ->Unit(benchmark::kMillisecond);
+  return true;
+}();
+
+}  // namespace
+
+BENCHMARK_MAIN();

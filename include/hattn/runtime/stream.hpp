@@ -1,0 +1,58 @@
+#pragma once
+// The stream/event concept the orchestrator is written against. A stream is an
+// in-order queue of device work; an event marks a point in one stream that
+// another stream (or the host) can wait for, with CUDA's semantics:
+//
+//   e.record(s)        e completes when s has finished everything enqueued so far
+//   e.wait(s2)         work enqueued on s2 afterwards starts only once e completed
+//   e.synchronize(d)   the host waits for e, until deadline d
+//
+// Operations a stream offers (all enqueue and return at once):
+//   s.enqueue(f)       f(s.handle()) -> Status: the engine's work. On a device
+//                      stream f runs now, on the calling thread, and launches
+//                      asynchronous kernels on the handle; on a host stream f
+//                      itself is the work and runs on the stream's thread.
+//   s.copy(d, src, n)  n bytes, device<->pinned host (cudaMemcpyAsync); on a host
+//                      stream, a memcpy.
+//   s.host_fn(f)       f() runs on a host thread when the stream reaches it
+//                      (cudaLaunchHostFunc). f must not call any stream API; it
+//                      may touch host memory and atomics. Runs even after an error.
+//   s.merge(a, b, out) out = merge of two partials that live on the device
+//                      (core/merge.hpp semantics).
+//   s.query()          the stream's first error since the last synchronize, if any
+//   s.synchronize(d)   wait for all enqueued work; returns and clears the error
+//
+// HostStream (runtime/host_stream.hpp) implements it with a worker thread, so
+// the same pipeline runs, concurrently and for real, without a GPU.
+
+#include <concepts>
+#include <cstddef>
+#include <functional>
+
+#include "hattn/core/problem.hpp"
+#include "hattn/core/status.hpp"
+#include "hattn/runtime/wait.hpp"
+
+namespace hattn::runtime {
+
+template <class S>
+concept Stream = requires(S& s, void* dst, const void* src, std::size_t n, const PartialView& p,
+                          Deadline d, std::function<Status(typename S::Handle)> work,
+                          std::function<void()> fn) {
+  typename S::Handle;
+  typename S::Event;
+  { s.handle() } -> std::same_as<typename S::Handle>;
+  { s.enqueue(work) } -> std::same_as<Status>;
+  { s.copy(dst, src, n) } -> std::same_as<Status>;
+  { s.host_fn(fn) } -> std::same_as<Status>;
+  { s.merge(p, p, p) } -> std::same_as<Status>;
+  { s.query() } -> std::same_as<Status>;
+  { s.synchronize(d) } -> std::same_as<Status>;
+}
+&&requires(typename S::Event& e, S& s, Deadline d) {
+  { e.record(s) } -> std::same_as<Status>;
+  { e.wait(s) } -> std::same_as<Status>;
+  { e.synchronize(d) } -> std::same_as<Status>;
+};
+
+}  // namespace hattn::runtime
