@@ -35,6 +35,7 @@
 #include "hattn/model/attention.hpp"
 #include "hattn/model/config.hpp"
 #include "hattn/model/llama.hpp"
+#include "hattn/model/lsh_kv_attention.hpp"
 #include "hattn/model/runner.hpp"
 #include "hattn/model/sampler.hpp"
 #include "hattn/model/synthetic.hpp"
@@ -55,6 +56,7 @@ struct Options {
   std::string attention = "cpu-dense";
   std::string compute = "cpu";
   int lsh_k = 10, lsh_l = 150;
+  std::string lsh_dense_layers = "0,16,...";
   int micro_batches = 1;
   int threads = 0;
   std::string trace;
@@ -101,7 +103,10 @@ Prompt and generation:
   --prefill-chunk N      tokens per prefill chunk (default 256)
 Attention and compute:
   --attention A          cpu-dense (default), lsh, cuda-dense
-  --lsh-K K, --lsh-L L   MagicPIG LSH parameters (with --attention lsh)
+  --lsh-K K, --lsh-L L   MagicPIG LSH parameters (with --attention lsh): K bits
+                         per table (default 10), L tables (default 150)
+  --lsh-dense-layers S   layers lsh attends densely: "none", a list "0,5", or a
+                         progression "0,16,..." (default: every 16th from 0)
   --compute C            where the GEMMs run: cpu (default) or cuda
   --micro-batches M      micro-batches pipelined by the orchestrator (default 1)
   --kv-dtype T           KV cache dtype: bf16 (default), f16, f32
@@ -157,11 +162,11 @@ int usage_error(const char* fmt, std::string_view a, std::string_view b = {}) {
 // Returns 0 to go on, -1 after --help, otherwise the exit code.
 int parse_args(int argc, char** argv, Options* o) {
   static constexpr std::string_view kFlags[] = {
-      "--model",      "--synthetic",      "--synthetic-dir", "--weights-seed", "--prompt-ids",
-      "--prompt-len", "--max-new-tokens", "--batch",         "--temperature",  "--top-p",
-      "--seed",       "--prefill",        "--prefill-chunk", "--attention",    "--lsh-K",
-      "--lsh-L",      "--compute",        "--micro-batches", "--kv-dtype",     "--isa",
-      "--threads",    "--trace"};
+      "--model",      "--synthetic",      "--synthetic-dir",   "--weights-seed", "--prompt-ids",
+      "--prompt-len", "--max-new-tokens", "--batch",           "--temperature",  "--top-p",
+      "--seed",       "--prefill",        "--prefill-chunk",   "--attention",    "--lsh-K",
+      "--lsh-L",      "--compute",        "--micro-batches",   "--kv-dtype",     "--isa",
+      "--threads",    "--trace",          "--lsh-dense-layers"};
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -218,7 +223,10 @@ int parse_args(int argc, char** argv, Options* o) {
       ok = parse_num(value, 1, 64, &o->lsh_k);
     else if (arg == "--lsh-L")
       ok = parse_num(value, 1, 4096, &o->lsh_l);
-    else if (arg == "--compute")
+    else if (arg == "--lsh-dense-layers") {
+      std::vector<std::int32_t> layers;
+      o->lsh_dense_layers = value, ok = hm::parse_layer_list(value, 1 << 20, &layers);
+    } else if (arg == "--compute")
       o->compute = value, ok = value == "cpu" || value == "cuda";
     else if (arg == "--micro-batches")
       ok = parse_num(value, 1, 64, &o->micro_batches);
@@ -314,11 +322,10 @@ bool prepare_synthetic(const Options& opt, const hattn::CpuExecutor& executor,
 int main(int argc, char** argv) {
   Options opt;
   if (const int rc = parse_args(argc, argv, &opt); rc != 0) return rc < 0 ? 0 : rc;
-  if (opt.attention != "cpu-dense") {
+  if (opt.attention == "cuda-dense") {
     std::fprintf(stderr,
-                 "error: --attention %s is not available in this build yet (the %s backend has "
-                 "not landed); use --attention cpu-dense\n",
-                 opt.attention.c_str(), opt.attention == "lsh" ? "MagicPIG LSH" : "CUDA dense");
+                 "error: --attention cuda-dense is not available in this build yet (it needs "
+                 "CUDA decoder stages); use --attention cpu-dense or lsh\n");
     return 2;
   }
   if (opt.compute != "cpu") {
@@ -372,16 +379,33 @@ int main(int argc, char** argv) {
   for (hattn::CpuIsa i : {hattn::CpuIsa::kScalar, hattn::CpuIsa::kAvx2, hattn::CpuIsa::kAvx512})
     if (opt.isa == hattn::to_string(i)) isa = i;
   std::unique_ptr<hm::KvAttention> attention;
+  hm::LshKvAttention* lsh = nullptr;
   try {
-    attention = std::make_unique<hm::DenseKvAttention>(
-        cfg,
-        hm::DenseKvAttentionOptions{.kv_dtype = opt.kv_dtype,
-                                    .page_size = 16,
-                                    .num_sequences = opt.batch,
-                                    .max_seq_len = prompt_len + opt.max_new_tokens + 1,
-                                    .max_prefill_tokens = opt.prefill_chunk,
-                                    .precision = hattn::cpu::DenseDecode::Precision::kF32},
-        executor, isa);
+    if (opt.attention == "lsh") {
+      hm::LshKvAttentionOptions lo;
+      lo.kv_dtype = opt.kv_dtype;
+      lo.num_sequences = opt.batch;
+      lo.max_seq_len = prompt_len + opt.max_new_tokens + 2;
+      lo.max_prefill_tokens = opt.prefill_chunk;
+      lo.lsh.K = opt.lsh_k;
+      lo.lsh.L = opt.lsh_l;
+      lo.dense_layers.emplace();
+      if (!hm::parse_layer_list(opt.lsh_dense_layers, cfg.num_layers, &*lo.dense_layers))
+        return usage_error("bad value '%.*s' for %.*s", opt.lsh_dense_layers, "--lsh-dense-layers");
+      auto a = std::make_unique<hm::LshKvAttention>(cfg, lo, executor, isa);
+      lsh = a.get();
+      attention = std::move(a);
+    } else {
+      attention = std::make_unique<hm::DenseKvAttention>(
+          cfg,
+          hm::DenseKvAttentionOptions{.kv_dtype = opt.kv_dtype,
+                                      .page_size = 16,
+                                      .num_sequences = opt.batch,
+                                      .max_seq_len = prompt_len + opt.max_new_tokens + 1,
+                                      .max_prefill_tokens = opt.prefill_chunk,
+                                      .precision = hattn::cpu::DenseDecode::Precision::kF32},
+          executor, isa);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: cannot allocate the KV caches: %s\n", e.what());
     return 1;
@@ -458,7 +482,18 @@ int main(int argc, char** argv) {
     }
   }
   const double decode_s = seconds_since(t0);
-  const hm::StageTimes& dt = runner.times();
+  const hm::StageTimes dt = runner.times();
+
+  // lsh: the fraction of indexed keys the queries sample, measured on one
+  // extra, untimed step (its token is dropped).
+  double sampled_fraction = -1.0;
+  if (lsh) {
+    lsh->set_sampling_stats(true);
+    std::vector<float> scratch_logits(logits.size());
+    if (!check(runner.decode_step(next, scratch_logits.data()), "decode step (sampling stats)"))
+      return 1;
+    sampled_fraction = lsh->sampling_stats().mean_fraction();
+  }
 
   if (!opt.trace.empty()) {
     std::ofstream out(opt.trace, std::ios::binary);
@@ -503,6 +538,12 @@ int main(int argc, char** argv) {
     j["decode_stages"] = stages(dt);
     j["kv_bytes"] = attention->kv_bytes();
     j["index_bytes"] = attention->index_bytes();
+    if (lsh) {
+      j["lsh"] = {{"K", opt.lsh_k},
+                  {"L", opt.lsh_l},
+                  {"dense_layers", *lsh->options().dense_layers},
+                  {"mean_sampled_fraction", sampled_fraction}};
+    }
     j["weight_bytes"] = model.weight_bytes();
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
@@ -510,7 +551,10 @@ int main(int argc, char** argv) {
 
   // The CPU kernels a dense backend picked (other backends say their own name).
   const auto* dense = dynamic_cast<const hm::DenseKvAttention*>(attention.get());
-  const std::string kernels = dense ? std::string(hattn::to_string(dense->backend().isa())) : "-";
+  std::string kernels = dense ? std::string(hattn::to_string(dense->backend().isa())) : "-";
+  for (int l = 0; lsh && l < cfg.num_layers; ++l)
+    if (const hattn::cpu::LshAttention* layer = lsh->lsh_layer(l))
+      kernels = hattn::to_string(layer->isa());
   std::printf("model     %s: %d layers, hidden %d, %d q / %d kv heads of %d, vocab %d\n",
               opt.synthetic.empty() ? opt.model_dir.c_str() : opt.synthetic.c_str(), cfg.num_layers,
               cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
@@ -542,5 +586,14 @@ int main(int argc, char** argv) {
   std::printf("decode    %10.2f tok/s  (%d steps x batch %d)\n", decode_tok_s, steps, opt.batch);
   std::printf("memory    KV %.1f MB, index %.1f MB, weights %.1f MB (mapped), load %.2f s\n",
               kv_gb * 1e3, index_gb * 1e3, weights_gb * 1e3, load_s);
+  if (lsh) {
+    std::string dl;
+    for (std::int32_t l : *lsh->options().dense_layers)
+      dl += (dl.empty() ? "" : ",") + std::to_string(l);
+    std::printf(
+        "lsh       K %d, L %d, dense layers [%s], sampled %.2f%% of indexed keys "
+        "(mean over queries of one extra step)\n",
+        opt.lsh_k, opt.lsh_l, dl.c_str(), 100.0 * sampled_fraction);
+  }
   return 0;
 }

@@ -82,6 +82,14 @@ Status LlamaRunner::prefill(int seq, std::span<const std::int32_t> tokens, std::
         last ? last_logits : nullptr, false));
     if (on_chunk) on_chunk(done + n, total);
   }
+  return finish_prefill(seq);
+}
+
+Status LlamaRunner::finish_prefill(int seq) {
+  const auto t0 = Clock::now();
+  HATTN_RETURN_IF_ERROR(attention_->finish_prefill(seq));
+  times_.attention_s += seconds_since(t0);
+  trace("finish_prefill", -1, t0);
   return Status::ok();
 }
 
@@ -122,6 +130,7 @@ Status LlamaRunner::synthetic_prefill(
         if (on_chunk) on_chunk(done, total);
       }
     }
+    HATTN_RETURN_IF_ERROR(finish_prefill(seq));
   }
   return Status::ok();
 }

@@ -43,6 +43,10 @@ class KvAttention {
   // Causal attention of the last n tokens of `seq` (already appended):
   // query i sees keys [0, len - n + i].
   virtual Status prefill(int layer, int seq, const float* q, std::int64_t n, float* o) = 0;
+  // The prompt of `seq` is complete (every layer): backends that index a
+  // prompt as a whole (LSH) build their index here. Prefill after this
+  // continues the sequence.
+  virtual Status finish_prefill(int /*seq*/) { return Status::ok(); }
   // Bytes held by the KV caches, and by any index over them.
   virtual std::size_t kv_bytes() const noexcept = 0;
   virtual std::size_t index_bytes() const noexcept { return 0; }

@@ -46,7 +46,7 @@ class LlamaRunner {
   Status prefill_all_logits(int seq, std::span<const std::int32_t> tokens, float* logits);
 
   // Called after each stage of each layer with its name ("stage_a", "append",
-  // "attention", "stage_b", "embed", "logits"), the layer (-1 outside layers) and
+  // "attention", "stage_b", "embed", "logits", "finish_prefill"), the layer (-1 outside layers) and
   // its start and end in seconds since the runner was made: a Chrome-trace feed.
   using TraceSink = std::function<void(const char* stage, int layer, double begin_s, double end_s)>;
   void set_trace(TraceSink sink) { trace_ = std::move(sink); }
@@ -58,6 +58,8 @@ class LlamaRunner {
   Status forward_chunk(int seq, std::span<const std::int32_t> tokens, float* logits,
                        bool all_logits);
 
+  // KvAttention::finish_prefill, timed as attention (an LSH index build).
+  Status finish_prefill(int seq);
   void trace(const char* stage, int layer, std::chrono::steady_clock::time_point begin) const;
 
   const LlamaModel* model_;
