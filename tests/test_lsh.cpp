@@ -494,19 +494,20 @@ TEST_CASE("lsh check 6: centering leaves exact attention unchanged; partials mer
 
 TEST_CASE("lsh check 7: unnormalized numerator and denominator are unbiased", "[lsh]") {
   auto rng = make_rng("lsh-check7");
-  constexpr std::int32_t D = 64, n = 2500, kSeeds = 48;
+  constexpr std::int32_t D = 64, n = 2500, kSeeds = 64;
   // Keys with a spread of cosines to a fixed query: k = a q^ + noise.
   std::vector<float> q = normals(rng, D);
   double qn = 0;
   for (float x : q) qn += double{x} * x;
   qn = std::sqrt(qn);
   std::vector<float> k = normals(rng, std::size_t(n) * D), v = normals(rng, std::size_t(n) * D);
-  std::uniform_real_distribution<float> ud(-4.0f, 14.0f);
+  std::uniform_real_distribution<float> ud(-4.0f, 10.0f);
   for (std::int64_t i = 0; i < n; ++i) {
     const float a = ud(rng);
     for (std::int32_t d = 0; d < D; ++d) k[i * D + d] += a * q[d] / static_cast<float>(qn);
   }
-  std::vector<double> z_num, z_den;
+  std::vector<double> z_num, z_den, est_nums, est_dens;
+  double exact_num = 0, exact_den = 0;
   for (int seed_i = 0; seed_i < kSeeds; ++seed_i) {
     LshLayer layer;
     layer.cfg = config(10, 150);
@@ -554,19 +555,47 @@ TEST_CASE("lsh check 7: unnormalized numerator and denominator are unbiased", "[
     }
     z_num.push_back((est_num - num) / std::sqrt(var_num));
     z_den.push_back((est_den - den) / std::sqrt(var_den));
+    est_nums.push_back(est_num);
+    est_dens.push_back(est_den);
+    exact_num = num;
+    exact_den = den;
   }
-  for (const auto* z : {&z_num, &z_den}) {
-    double mean_abs = 0;
+  // Unbiasedness: the mean estimate over the independent projections against
+  // the exact sum (t statistic with the spread across projections). The
+  // z-scores of single estimates use that spread too: inclusions of similar
+  // keys under one projection are correlated, so the independent-inclusion
+  // (Horvitz-Thompson) variance understates it; its z-scores are printed.
+  for (const auto& [est, exact, z_ht, what] :
+       {std::tuple{&est_nums, exact_num, &z_num, "numerator"},
+        std::tuple{&est_dens, exact_den, &z_den, "denominator"}}) {
+    const double n_s = double(est->size());
+    double mean = 0, var = 0;
+    for (double x : *est) mean += x;
+    mean /= n_s;
+    for (double x : *est) var += (x - mean) * (x - mean);
+    const double sd = std::sqrt(var / (n_s - 1));
+    const double t = (mean - exact) / (sd / std::sqrt(n_s));
+    double mean_abs = 0, mean_abs_ht = 0;
     int over3 = 0;
-    for (double x : *z) {
-      mean_abs += std::abs(x);
-      over3 += std::abs(x) > 3;
+    for (double x : *est) {
+      const double z = (x - exact) / sd;
+      mean_abs += std::abs(z);
+      over3 += std::abs(z) > 3;
     }
-    mean_abs /= double(z->size());
-    INFO("mean |z| = " << mean_abs << ", |z| > 3: " << over3 << " of " << z->size() << " "
-                       << seed_note());
-    CHECK(mean_abs > 0.45);  // N(0,1): 0.80
-    CHECK(mean_abs < 1.25);
+    for (double z : *z_ht) mean_abs_ht += std::abs(z);
+    mean_abs /= n_s;
+    mean_abs_ht /= n_s;
+    INFO(what << ": t = " << t << ", mean |z| = " << mean_abs << ", |z| > 3: " << over3 << " of "
+              << est->size() << " (independent-inclusion variance: mean |z| = " << mean_abs_ht
+              << ") " << seed_note());
+    // For 64 N(0,1) values mean |z| is 0.80 with a standard error of
+    // 0.60 / sqrt(64) = 0.075: 4 sigma is 0.50 .. 1.10. Importance weights are
+    // heavy-tailed (a rarely sampled key with a large weight), which lowers
+    // mean |z| when one such estimate inflates the spread; at most 3 of 64
+    // beyond 3 sigma (a normal gives 0.13 on average).
+    CHECK(std::abs(t) < 4.0);
+    CHECK(mean_abs > 0.45);  // 0.50 less a margin for the heavy tail
+    CHECK(mean_abs < 1.10);
     CHECK(over3 <= 3);
   }
 }
