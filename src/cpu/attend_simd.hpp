@@ -239,8 +239,8 @@ struct SimdAttend {
       if constexpr (Scores::kRowPrefetch)
         if (h0 == 0 && t0 + t + kAheadRows < hd.n) {
           for (int c = 0; c < kLinesPerRow; c += 2) {
-            __builtin_prefetch(hd.k[t0 + t + kAheadRows] + hd.koff + 64 * c, 0, 3);
-            __builtin_prefetch(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c, 0, 3);
+            __builtin_prefetch(hd.k[t0 + t + kAheadRows] + hd.koff + 64 * c, 0, 2);
+            __builtin_prefetch(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c, 0, 2);
           }
         }
       B acc[HT];
