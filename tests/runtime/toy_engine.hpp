@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "hattn/core/dtype.hpp"
+#include "hattn/core/merge.hpp"
 #include "hattn/core/status.hpp"
 #include "hattn/runtime/host_kv_cache.hpp"
 #include "hattn/runtime/orchestrator.hpp"
