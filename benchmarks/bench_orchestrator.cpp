@@ -32,6 +32,10 @@
 #include "hattn/runtime/host_stream.hpp"
 #include "hattn/runtime/orchestrator.hpp"
 
+#if defined(HATTN_BENCH_CUDA)
+#include "bench_orchestrator_cuda.hpp"  // orchestrator/cuda/mb:<m>
+#endif
+
 namespace {
 
 namespace rt = hattn::runtime;
