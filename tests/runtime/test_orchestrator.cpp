@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/seed.hpp"
+#include "hattn/runtime/affinity.hpp"
 #include "hattn/runtime/cpu_attention.hpp"
 #include "hattn/runtime/host_stream.hpp"
 #include "hattn/runtime/lsh_cpu_attention.hpp"
@@ -680,4 +681,45 @@ TEST_CASE("LSH backend: a failed step is rolled back and the next equals the seq
         CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
       }
     }
+}
+
+TEST_CASE("Thread placement hooks run on the stream and CPU attention threads", "[runtime]") {
+  CHECK(hattn::runtime::pin_this_thread(-1) == StatusCode::kInvalidArgument);
+  std::atomic<bool> pinned_ok{false};
+  std::thread t([&] {
+    if (!hattn::runtime::pin_this_thread(0)) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    pinned_ok = pthread_getaffinity_np(pthread_self(), sizeof(set), &set) == 0 &&
+                CPU_COUNT(&set) == 1 && CPU_ISSET(0, &set);
+  });
+  t.join();
+  CHECK(pinned_ok);
+
+  std::atomic<std::thread::id> init_thread{}, work_thread{};
+  {
+    HostStream s([&] { init_thread = std::this_thread::get_id(); });
+    REQUIRE(s.enqueue([&](HostStream*) {
+      work_thread = std::this_thread::get_id();
+      return Status::ok();
+    }));
+    REQUIRE(s.synchronize());
+  }
+  CHECK(init_thread.load() == work_thread.load());
+  CHECK(init_thread.load() != std::this_thread::get_id());
+
+  ToyConfig cfg;
+  cfg.prefix_lens = {10, 20};
+  Pair p(cfg, 11);
+  hattn::CpuExecutor executor(1);
+  std::atomic<int> inits{0};
+  OrchestratorOptions opt = options_for(cfg);
+  opt.cpu_thread_init = [&] { ++inits; };
+  HostStream compute, copy;
+  {
+    DecodeOrchestrator<HostStream, DenseCpuAttention> orch(opt, compute, copy, p.orch_kv,
+                                                           p.orch_backend, executor);
+    REQUIRE(orch.step(iota_seqs(2), p.orch_engine.io(), p.orch_engine.stages<HostStream*>()));
+  }
+  CHECK(inits == 1);
 }

@@ -39,6 +39,12 @@ class HostStream {
 
   // Starts the worker thread; throws std::system_error if it cannot.
   HostStream() : worker_([this] { run(); }) {}
+  // thread_init() runs first on the worker thread (placement, naming).
+  explicit HostStream(std::function<void()> thread_init)
+      : worker_([this, init = std::move(thread_init)] {
+          if (init) init();
+          run();
+        }) {}
   // Finishes everything enqueued, then joins the worker.
   ~HostStream() {
     {

@@ -106,6 +106,9 @@ struct OrchestratorOptions {
   std::int32_t ring_slots = 0;
   std::chrono::nanoseconds step_timeout = std::chrono::seconds(30);
   bool record_timeline = true;
+  // Runs first on the CPU attention thread (e.g. runtime/affinity.hpp's
+  // pin_this_thread), before it takes any request. Must not throw.
+  std::function<void()> cpu_thread_init;
 };
 
 // Micro-batch m of M over B sequences: contiguous, sizes differ by at most one.
@@ -509,6 +512,7 @@ class DecodeOrchestrator {
 
   // The CPU attention thread: slots in position order, until stopped.
   void cpu_loop() {
+    if (opt_.cpu_thread_init) opt_.cpu_thread_init();
     for (std::int64_t pos = 0;; ++pos) {
       if (!ring_.wait_request(pos, Deadline::max(), &stop_)) return;
       Job& job = jobs_[static_cast<std::size_t>(pos % ring_.capacity())];
