@@ -21,16 +21,23 @@
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../examples/04_orchestrated_step/gemm_model.hpp"
 #include "hattn/cpu/executor.hpp"
+#include "hattn/runtime/affinity.hpp"
 #include "hattn/runtime/cpu_attention.hpp"
 #include "hattn/runtime/host_kv_cache.hpp"
 #include "hattn/runtime/host_stream.hpp"
 #include "hattn/runtime/orchestrator.hpp"
+
+#if defined(HATTN_BENCH_CUDA)
+#include "bench_orchestrator_cuda.hpp"  // orchestrator/cuda/mb:<m>
+#endif
 
 namespace {
 
@@ -198,8 +205,18 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
              .code_bytes_per_seq = 0};
   // HATTN_BENCH_TRACE_DIR=<dir>: record the timeline and write it there.
   oo.record_timeline = std::getenv("HATTN_BENCH_TRACE_DIR") != nullptr;
+  // Thread placement (HATTN_BENCH_PIN=0 turns it off): the compute stream's
+  // worker on CPU 0, the CPU attention thread (which runs the one-thread
+  // arena's work itself) on CPU 1, so a woken thread is never queued behind
+  // its waker on one core while the other idles.
+  const char* pin_env = std::getenv("HATTN_BENCH_PIN");
+  const bool pin = std::thread::hardware_concurrency() >= 2 &&
+                   !(pin_env != nullptr && std::string(pin_env) == "0");
+  if (pin) oo.cpu_thread_init = [] { (void)rt::pin_this_thread(1); };
   rt::DenseCpuAttention backend(problem(max_mb));
-  rt::HostStream compute, copy;
+  rt::HostStream compute(pin ? std::function<void()>([] { (void)rt::pin_this_thread(0); })
+                             : std::function<void()>()),
+      copy;
   rt::DecodeOrchestrator<rt::HostStream, rt::DenseCpuAttention> orch(oo, compute, copy, *kv,
                                                                      backend, executor);
   const auto seqs = all_seqs();
@@ -243,6 +260,7 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
         << orch.timeline().to_chrome_trace();
   }
   state.counters["mlp_reps"] = reps;
+  state.counters["pinned"] = pin ? 1 : 0;
 }
 
 const bool registered = [] {

@@ -17,8 +17,10 @@
 #include <vector>
 
 #include "common/seed.hpp"
+#include "hattn/runtime/affinity.hpp"
 #include "hattn/runtime/cpu_attention.hpp"
 #include "hattn/runtime/host_stream.hpp"
+#include "hattn/runtime/lsh_cpu_attention.hpp"
 #include "hattn/runtime/orchestrator.hpp"
 #include "runtime/toy_engine.hpp"
 
@@ -512,4 +514,212 @@ TEST_CASE("Orchestrator rejects bad input with a Status", "[runtime]") {
                                      PartitionPolicy::all_cpu(), cfg.num_layers,
                                      cfg.num_micro_batches, 0));
   CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
+}
+
+namespace {
+
+using hattn::runtime::LshCpuAttention;
+
+// Small LSH settings so short test sequences have sink, indexed and tail
+// parts, and every other step moves a tail token into the index.
+hattn::cpu::LshConfig small_lsh() {
+  hattn::cpu::LshConfig c;
+  c.K = 6;
+  c.L = 30;
+  c.min_collisions = 2;
+  c.sink = 4;
+  c.window = 8;
+  c.max_exact_tail = 9;
+  return c;
+}
+
+hattn::cpu::LshShape lsh_shape(const ToyConfig& c) {
+  std::int64_t tokens = 0;
+  for (std::int64_t len : c.prefix_lens) tokens += len + 16;
+  return {.num_q_heads = c.q_heads,
+          .num_kv_heads = c.kv_heads,
+          .head_dim = c.head_dim,
+          .kv_dtype = c.kv_dtype,
+          .layer = 0,
+          .max_tokens = 2 * tokens,  // room for a rebuilt sequence next to the old one
+          .max_sequences = static_cast<std::int32_t>(c.prefix_lens.size()) + 1,
+          .page_size = 16,
+          .sm_scale = std::nullopt};
+}
+
+struct LshPair {
+  ToyConfig cfg;
+  ToyEngine orch_engine, ref_engine;
+  HostKvCache orch_kv, ref_kv;
+  LshCpuAttention orch_backend, ref_backend;
+  LshPair(const ToyConfig& c, std::uint64_t seed, const hattn::CpuExecutor& ex)
+      : cfg(c),
+        orch_engine(c, seed),
+        ref_engine(c, seed),
+        orch_kv(orch_engine.make_host_cache()),
+        ref_kv(ref_engine.make_host_cache()),
+        orch_backend(small_lsh(), lsh_shape(c), orch_kv, options_for(c).slot.max_batch),
+        ref_backend(small_lsh(), lsh_shape(c), ref_kv, options_for(c).slot.max_batch) {
+    if (!orch_backend.prefill_from_cache(ex) || !ref_backend.prefill_from_cache(ex))
+      throw std::runtime_error("LSH prefill failed");
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Orchestrated steps with the LSH backend are bitwise equal to the sequence",
+          "[runtime][lsh]") {
+  std::mt19937_64 rng = hattn_test::make_rng("orchestrator lsh equality");
+  std::uniform_int_distribution<std::int64_t> len(1, 300);
+  hattn::CpuExecutor executor(kAttentionThreads);
+  int ci = 0;
+  for (std::int32_t layers : {1, 3})
+    for (std::int32_t mbs : {1, 2, 3})
+      for (int b : {1, 5}) {
+        ToyConfig cfg;
+        cfg.num_layers = layers;
+        cfg.num_micro_batches = mbs;
+        for (int i = 0; i < b; ++i) cfg.prefix_lens.push_back(len(rng));
+        cfg.kv_dtype = ci++ % 2 ? hattn::DType::kBF16 : hattn::DType::kF32;
+        for (const char* pname : {"all_cpu", "lsh_split", "all_device"}) {
+          INFO("layers=" << layers << " mbs=" << mbs << " batch=" << b << " policy=" << pname << " "
+                         << hattn_test::seed_note());
+          LshPair p(cfg, rng(), executor);
+          const std::string pn = pname;
+          auto policy_of = [&](const LshCpuAttention& a) {
+            return pn == "all_cpu"     ? PartitionPolicy::all_cpu()
+                   : pn == "lsh_split" ? a.policy(1)
+                                       : PartitionPolicy::all_device();
+          };
+          const PartitionPolicy orch_policy = policy_of(p.orch_backend);
+          const PartitionPolicy ref_policy = policy_of(p.ref_backend);
+          const auto seqs = iota_seqs(b);
+          HostStream compute, copy;
+          DecodeOrchestrator<HostStream, LshCpuAttention> orch(
+              options_for(cfg), compute, copy, p.orch_kv, p.orch_backend, executor, orch_policy);
+          const Stages st = p.orch_engine.stages<HostStream*>();
+          std::int64_t split_seen = 0;
+          for (std::int32_t step = 0; step < 3; ++step) {
+            // The split policy gives the device the LSH tail: count how often.
+            for (std::int32_t l = 0; l < layers; ++l)
+              for (std::int32_t s = 0; s < b; ++s) {
+                const std::int64_t n = p.orch_kv.seq_len(l, s) + 1;
+                const std::int64_t c = orch_policy.cpu_tokens(l, s, n);
+                split_seen += c > 0 && c < n;
+              }
+            const Status s = orch.step(seqs, p.orch_engine.io(), st);
+            INFO("step " << step << ": " << s.message());
+            REQUIRE(s);
+            REQUIRE(hattn_test::run_sequential(p.ref_engine, p.ref_kv, p.ref_backend, executor,
+                                               ref_policy, layers, mbs, step));
+            CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
+          }
+          if (pn == "lsh_split" && layers > 1)
+            for (std::int64_t l : cfg.prefix_lens)
+              if (l > 16) CHECK(split_seen > 0);
+          // The LSH copy holds what the host KV holds.
+          for (std::int32_t l = 0; l < layers; ++l)
+            for (std::int32_t s = 0; s < b; ++s) {
+              hattn::cpu::LshPartition part;
+              REQUIRE(p.orch_backend.layer(l).partition(s, &part));
+              CHECK(part.length == p.orch_kv.seq_len(l, s));
+            }
+        }
+      }
+}
+
+TEST_CASE("LSH backend: a failed step is rolled back and the next equals the sequence",
+          "[runtime][lsh]") {
+  ToyConfig cfg;
+  cfg.num_layers = 3;
+  cfg.num_micro_batches = 2;
+  cfg.prefix_lens = {33, 64, 5, 100, 17};
+  const auto seqs = iota_seqs(5);
+  hattn::CpuExecutor executor(kAttentionThreads);
+  static constexpr char kInjected[] = "injected LSH error";
+  for (const bool split : {false, true})
+    for (const bool backend_error : {false, true}) {
+      INFO("split=" << split << " backend_error=" << backend_error);
+      LshPair p(cfg, hattn_test::make_rng("lsh failures")(), executor);
+      const PartitionPolicy orch_policy =
+          split ? p.orch_backend.policy(1) : PartitionPolicy::all_cpu();
+      const PartitionPolicy ref_policy =
+          split ? p.ref_backend.policy(1) : PartitionPolicy::all_cpu();
+      std::atomic<bool> armed{true};
+      Hooked<LshCpuAttention> backend{
+          &p.orch_backend, [&](const auto& t) -> Status {
+            if (backend_error && armed && t.layer == 2 && t.micro_batch == 1)
+              return {StatusCode::kInvalidArgument, kInjected};
+            return Status::ok();
+          }};
+      Stages st = p.orch_engine.stages<HostStream*>();
+      auto b = st.stage_b;
+      st.stage_b = [&, b](const hattn::runtime::StageContext& c, HostStream* h) -> Status {
+        if (!backend_error && armed && c.layer == 2 && c.micro_batch == 1)
+          throw std::runtime_error("stage B failed");
+        return b(c, h);
+      };
+      HostStream compute, copy;
+      DecodeOrchestrator<HostStream, Hooked<LshCpuAttention>> orch(
+          options_for(cfg), compute, copy, p.orch_kv, backend, executor, orch_policy);
+      p.orch_engine.save();
+      const Status s = orch.step(seqs, p.orch_engine.io(), st);
+      REQUIRE_FALSE(s);
+      if (backend_error) CHECK(s.message() == std::string(kInjected));
+      armed = false;
+      REQUIRE(orch.wait_idle(hattn::runtime::deadline_after(std::chrono::seconds(20))));
+      p.orch_engine.restore();
+      // Before resync some LSH copies are a token ahead of the host KV.
+      REQUIRE(p.orch_backend.resync(executor));
+      for (std::int32_t step = 0; step < 2; ++step) {
+        const Status next = orch.step(seqs, p.orch_engine.io(), st);
+        INFO(next.message());
+        REQUIRE(next);
+        REQUIRE(hattn_test::run_sequential(p.ref_engine, p.ref_kv, p.ref_backend, executor,
+                                           ref_policy, cfg.num_layers, cfg.num_micro_batches,
+                                           step));
+        CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
+      }
+    }
+}
+
+TEST_CASE("Thread placement hooks run on the stream and CPU attention threads", "[runtime]") {
+  CHECK(hattn::runtime::pin_this_thread(-1) == StatusCode::kInvalidArgument);
+  std::atomic<bool> pinned_ok{false};
+  std::thread t([&] {
+    if (!hattn::runtime::pin_this_thread(0)) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    pinned_ok = pthread_getaffinity_np(pthread_self(), sizeof(set), &set) == 0 &&
+                CPU_COUNT(&set) == 1 && CPU_ISSET(0, &set);
+  });
+  t.join();
+  CHECK(pinned_ok);
+
+  std::atomic<std::thread::id> init_thread{}, work_thread{};
+  {
+    HostStream s([&] { init_thread = std::this_thread::get_id(); });
+    REQUIRE(s.enqueue([&](HostStream*) {
+      work_thread = std::this_thread::get_id();
+      return Status::ok();
+    }));
+    REQUIRE(s.synchronize());
+  }
+  CHECK(init_thread.load() == work_thread.load());
+  CHECK(init_thread.load() != std::this_thread::get_id());
+
+  ToyConfig cfg;
+  cfg.prefix_lens = {10, 20};
+  Pair p(cfg, 11);
+  hattn::CpuExecutor executor(1);
+  std::atomic<int> inits{0};
+  OrchestratorOptions opt = options_for(cfg);
+  opt.cpu_thread_init = [&] { ++inits; };
+  HostStream compute, copy;
+  {
+    DecodeOrchestrator<HostStream, DenseCpuAttention> orch(opt, compute, copy, p.orch_kv,
+                                                           p.orch_backend, executor);
+    REQUIRE(orch.step(iota_seqs(2), p.orch_engine.io(), p.orch_engine.stages<HostStream*>()));
+  }
+  CHECK(inits == 1);
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "hattn/core/dtype.hpp"
+#include "hattn/core/merge.hpp"
 #include "hattn/core/status.hpp"
 #include "hattn/runtime/host_kv_cache.hpp"
 #include "hattn/runtime/orchestrator.hpp"
@@ -300,6 +301,9 @@ hattn::Status run_sequential(ToyEngine& e, hattn::runtime::HostKvCache& kv, Back
       t.kv = kv.pool(l).view(table);
       t.seqs = ctx.seqs;
       t.seq_lens = lens;
+      t.appended_tokens = 1;
+      t.new_k = io.k;
+      t.new_v = io.v;
       float* o = split ? io.cpu_o : io.attn_o;
       float* lse = split ? io.cpu_lse2 : io.attn_lse2;
       t.out = make_partial_view(o, DType::kF32, lse, r.size, q_heads, po.head_dim);

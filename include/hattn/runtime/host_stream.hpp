@@ -39,6 +39,12 @@ class HostStream {
 
   // Starts the worker thread; throws std::system_error if it cannot.
   HostStream() : worker_([this] { run(); }) {}
+  // thread_init() runs first on the worker thread (placement, naming).
+  explicit HostStream(std::function<void()> thread_init)
+      : worker_([this, init = std::move(thread_init)] {
+          if (init) init();
+          run();
+        }) {}
   // Finishes everything enqueued, then joins the worker.
   ~HostStream() {
     {
@@ -74,6 +80,16 @@ class HostStream {
           return Status::ok();
         },
         true);
+  }
+  // Blocks the worker until *w.word >= value (runs even after an error, so
+  // the pipeline drains; the writer always gets there).
+  Status wait_value(HostWord w, std::uint64_t value) {
+    if (w.word == nullptr || w.waiter == nullptr)
+      return {StatusCode::kInvalidArgument, "HostStream::wait_value: null word or waiter"};
+    return host_fn([w, value] {
+      w.waiter->wait_until([&] { return w.word->load(std::memory_order_acquire) >= value; },
+                           Deadline::max());
+    });
   }
   Status merge(const PartialView& a, const PartialView& b, const PartialView& out) {
     return push([a, b, out]() -> Status { return merge_partials(a, b, out); }, false);

@@ -14,7 +14,8 @@
 // alternate (the baseline). Only the thread calling step() uses the streams'
 // API, and it never waits for the CPU (only for a free slot when the ring is
 // full): the compute stream itself waits for the CPU's answer (a blocking
-// host_fn here; a stream wait on the slot's sequence word on CUDA). host_fn
+// wait on the slot's sequence word: Stream::wait_value, a memory wait on CUDA,
+// after an event on the request's publish). host_fn
 // callbacks and the CPU thread touch host memory and atomics only.
 //
 // The engine supplies the stages (EngineStages) and its device buffers
@@ -105,6 +106,9 @@ struct OrchestratorOptions {
   std::int32_t ring_slots = 0;
   std::chrono::nanoseconds step_timeout = std::chrono::seconds(30);
   bool record_timeline = true;
+  // Runs first on the CPU attention thread (e.g. runtime/affinity.hpp's
+  // pin_this_thread), before it takes any request. Must not throw.
+  std::function<void()> cpu_thread_init;
 };
 
 // Micro-batch m of M over B sequences: contiguous, sizes differ by at most one.
@@ -142,6 +146,7 @@ class DecodeOrchestrator {
         ring_(opt_.slot, opt_.ring_slots > 0 ? opt_.ring_slots : 2 * opt_.num_micro_batches,
               slot_memory),
         jobs_(static_cast<std::size_t>(ring_.capacity())),
+        published_(static_cast<std::size_t>(ring_.capacity())),
         a_done_(static_cast<std::size_t>(opt_.num_micro_batches)) {
     if (ring_.capacity() < opt_.num_micro_batches)
       throw std::invalid_argument("DecodeOrchestrator: fewer ring slots than micro-batches");
@@ -356,6 +361,20 @@ class DecodeOrchestrator {
     const std::int64_t pos = next_acquire_;
     HATTN_RETURN_IF_ERROR(ring_.acquire(pos, deadline));
     ++next_acquire_;
+    bool published = false;
+    const Status s = fill_slot(layer, m, pos, &published);
+    if (!s && !published) {
+      // Every acquired position must be answered (drain waits for it): the
+      // CPU thread sees the step cancelled and answers without attending.
+      fail(s);
+      ring_.publish_request(pos);
+    }
+    return s;
+  }
+
+  // q, k, v (and codes) into the slot on the copy stream, then the request is
+  // published there. *published: the publish was enqueued.
+  Status fill_slot(std::int32_t layer, std::int32_t m, std::int64_t pos, bool* published) {
     const MicroBatchRange r = micro_batch_range(batch(), mbs_, m);
     jobs_[static_cast<std::size_t>(pos % ring_.capacity())] = {step_, layer, m, r, Status::ok()};
     const SlotShape& sh = opt_.slot;
@@ -371,7 +390,12 @@ class DecodeOrchestrator {
     if (sh.code_bytes_per_seq > 0)
       HATTN_RETURN_IF_ERROR(copy_.copy(sb.codes, io.query_codes, sh.code_bytes_per_seq * n));
     HATTN_RETURN_IF_ERROR(mark_end(copy_, Phase::kCopyToHost, layer, m));
-    return copy_.host_fn([this, pos] { ring_.publish_request(pos); });
+    HATTN_RETURN_IF_ERROR(copy_.host_fn([this, pos] { ring_.publish_request(pos); }));
+    *published = true;
+    // The compute stream's memory wait for the answer comes after this event:
+    // the order is then visible to the device scheduler, which must not put
+    // the publish behind that wait (cuStreamWaitValue32's caveat).
+    return published_[static_cast<std::size_t>(pos % ring_.capacity())].record(copy_);
   }
 
   // Wait for the CPU partial of (layer, m), copy it back, merge, stage B.
@@ -389,8 +413,14 @@ class DecodeOrchestrator {
     const auto n = static_cast<std::size_t>(micro_batch_range(batch(), mbs_, m).size);
     float* o = split ? io.cpu_o : io.attn_o;
     float* lse2 = split ? io.cpu_lse2 : io.attn_lse2;
+    HATTN_RETURN_IF_ERROR(
+        published_[static_cast<std::size_t>(pos % ring_.capacity())].wait(compute_));
+    HATTN_RETURN_IF_ERROR(
+        compute_.wait_value(ring_.response_word(pos), SlotRing::response_value(pos)));
     HATTN_RETURN_IF_ERROR(compute_.host_fn([this, pos] {
-      (void)ring_.wait_response(pos, Deadline::max());  // every published request is answered
+      // Answered (the stream waited for it); this acquire pairs with the CPU
+      // thread's release, so the job status it wrote is visible here.
+      (void)ring_.wait_response(pos, Deadline::max());
       const Status& s = jobs_[static_cast<std::size_t>(pos % ring_.capacity())].status;
       if (!s) fail(s);
     }));
@@ -482,6 +512,7 @@ class DecodeOrchestrator {
 
   // The CPU attention thread: slots in position order, until stopped.
   void cpu_loop() {
+    if (opt_.cpu_thread_init) opt_.cpu_thread_init();
     for (std::int64_t pos = 0;; ++pos) {
       if (!ring_.wait_request(pos, Deadline::max(), &stop_)) return;
       Job& job = jobs_[static_cast<std::size_t>(pos % ring_.capacity())];
@@ -545,8 +576,9 @@ class DecodeOrchestrator {
   const CpuExecutor& executor_;
   PartitionPolicy policy_;
   SlotRing ring_;
-  std::vector<Job> jobs_;                  // per slot
-  std::vector<typename S::Event> a_done_;  // per micro-batch: stage A issued
+  std::vector<Job> jobs_;                     // per slot
+  std::vector<typename S::Event> published_;  // per slot: request published (copy stream)
+  std::vector<typename S::Event> a_done_;     // per micro-batch: stage A issued
   Timeline timeline_;
 
   // The step in flight (read by queued work and the CPU thread).

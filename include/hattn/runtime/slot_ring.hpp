@@ -28,6 +28,7 @@
 
 #include "hattn/core/dtype.hpp"
 #include "hattn/core/status.hpp"
+#include "hattn/runtime/stream.hpp"
 #include "hattn/runtime/wait.hpp"
 
 namespace hattn::runtime {
@@ -95,10 +96,15 @@ class SlotRing {
     stride_ = round_up(shape.q_bytes()) + 2 * round_up(shape.kv_bytes()) +
               round_up(shape.codes_bytes()) + round_up(shape.q_bytes()) +
               round_up(shape.lse_bytes());
-    base_ = static_cast<std::byte*>(memory.allocate(stride_ * capacity, memory.context));
+    // The sequence words follow the slots in the same (pinned) memory, one per
+    // cache line: a device stream can wait on them (cuStreamWaitValue32).
+    const std::size_t words = kWordStride * static_cast<std::size_t>(capacity);
+    base_ = static_cast<std::byte*>(memory.allocate(stride_ * capacity + words, memory.context));
     if (!base_) throw std::bad_alloc();
-    seq_ = std::make_unique<std::atomic<std::uint64_t>[]>(capacity);
-    for (std::int32_t i = 0; i < capacity; ++i) seq_[i].store(3 * std::uint64_t(i));
+    words_ = base_ + stride_ * capacity;
+    for (std::int32_t i = 0; i < capacity; ++i)
+      new (words_ + kWordStride * static_cast<std::size_t>(i))
+          std::atomic<std::uint64_t>(3 * std::uint64_t(i));
   }
   ~SlotRing() { memory_.deallocate(base_, memory_.context); }
   SlotRing(const SlotRing&) = delete;
@@ -137,7 +143,7 @@ class SlotRing {
   // `*stop` becomes true (checked on every wake-up; call wake() after setting it).
   bool wait_request(std::int64_t pos, Deadline deadline, const std::atomic<bool>* stop = nullptr) {
     const std::uint64_t want = 3 * std::uint64_t(pos) + 1;
-    auto& s = seq_[index(pos)];
+    auto& s = seq(index(pos));
     return waiter_.wait_until(
                [&] {
                  return s.load(std::memory_order_acquire) == want ||
@@ -157,16 +163,25 @@ class SlotRing {
   }
   // Consumer: the slot is free for position pos + capacity.
   void release(std::int64_t pos) noexcept {
-    seq_[index(pos)].store(3 * std::uint64_t(pos + capacity_), std::memory_order_release);
+    seq(index(pos)).store(3 * std::uint64_t(pos + capacity_), std::memory_order_release);
     waiter_.notify();
   }
 
   // The phase pos is in (0 free, 1 request, 2 response), or -1 when the slot
   // belongs to another position. For tests and assertions.
   int phase(std::int64_t pos) const noexcept {
-    const std::uint64_t s = seq_[index(pos)].load(std::memory_order_acquire);
+    const std::uint64_t s = seq(index(pos)).load(std::memory_order_acquire);
     const std::uint64_t base = 3 * std::uint64_t(pos);
     return s >= base && s < base + 3 ? static_cast<int>(s - base) : -1;
+  }
+
+  // The sequence word of pos's slot and the value it reaches when pos's
+  // response is ready (it only grows while pos holds the slot), for streams
+  // that wait on memory (Stream::wait_value). The word lives in the ring's
+  // memory resource: pinned and device-mapped with a CUDA resource.
+  HostWord response_word(std::int64_t pos) noexcept { return {&seq(index(pos)), &waiter_}; }
+  static std::uint64_t response_value(std::int64_t pos) noexcept {
+    return 3 * std::uint64_t(pos) + 2;
   }
 
   // Wake every waiter so it re-checks its stop flag.
@@ -179,12 +194,19 @@ class SlotRing {
   }
   bool wait_phase(std::int64_t pos, int phase, Deadline deadline) {
     const std::uint64_t want = 3 * std::uint64_t(pos) + phase;
-    auto& s = seq_[index(pos)];
+    auto& s = seq(index(pos));
     return waiter_.wait_until([&] { return s.load(std::memory_order_acquire) == want; }, deadline);
   }
   void set_phase(std::int64_t pos, int phase) noexcept {
-    seq_[index(pos)].store(3 * std::uint64_t(pos) + phase, std::memory_order_release);
+    seq(index(pos)).store(3 * std::uint64_t(pos) + phase, std::memory_order_release);
     waiter_.notify();
+  }
+
+  static constexpr std::size_t kWordStride = 64;
+  static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
+                sizeof(std::atomic<std::uint64_t>) == sizeof(std::uint64_t));
+  std::atomic<std::uint64_t>& seq(std::size_t i) const noexcept {
+    return *std::launder(reinterpret_cast<std::atomic<std::uint64_t>*>(words_ + kWordStride * i));
   }
 
   SlotShape shape_;
@@ -192,7 +214,7 @@ class SlotRing {
   HostMemoryResource memory_;
   std::size_t stride_ = 0;
   std::byte* base_ = nullptr;
-  std::unique_ptr<std::atomic<std::uint64_t>[]> seq_;
+  std::byte* words_ = nullptr;  // capacity sequence words, kWordStride apart
   SpinThenBlock waiter_;
 };
 

@@ -17,6 +17,13 @@
 //   s.host_fn(f)       f() runs on a host thread when the stream reaches it
 //                      (cudaLaunchHostFunc). f must not call any stream API; it
 //                      may touch host memory and atomics. Runs even after an error.
+//   s.wait_value(w, v) work enqueued afterwards starts once the host word
+//                      *w.word >= v (a host thread stores it, release, then
+//                      calls w.waiter->notify()). On CUDA a stream memory wait
+//                      (cuStreamWaitValue32 on the word's low half, a cyclic
+//                      compare: v must be within 2^31 of the word), so the word
+//                      must be pinned, device-mapped memory; on a host stream a
+//                      blocking wait of the worker.
 //   s.merge(a, b, out) out = merge of two partials that live on the device
 //                      (core/merge.hpp semantics).
 //   s.query()          the stream's first error since the last synchronize, if any
@@ -25,8 +32,10 @@
 // HostStream (runtime/host_stream.hpp) implements it with a worker thread, so
 // the same pipeline runs, concurrently and for real, without a GPU.
 
+#include <atomic>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 
 #include "hattn/core/problem.hpp"
@@ -35,9 +44,16 @@
 
 namespace hattn::runtime {
 
+// A 64-bit counter in host memory that streams can wait on, and the waiter
+// its writers notify.
+struct HostWord {
+  const std::atomic<std::uint64_t>* word = nullptr;
+  SpinThenBlock* waiter = nullptr;
+};
+
 template <class S>
 concept Stream = requires(S& s, void* dst, const void* src, std::size_t n, const PartialView& p,
-                          Deadline d, std::function<Status(typename S::Handle)> work,
+                          Deadline d, std::function<Status(typename S::Handle)> work, HostWord w,
                           std::function<void()> fn) {
   typename S::Handle;
   typename S::Event;
@@ -45,6 +61,7 @@ concept Stream = requires(S& s, void* dst, const void* src, std::size_t n, const
   { s.enqueue(work) } -> std::same_as<Status>;
   { s.copy(dst, src, n) } -> std::same_as<Status>;
   { s.host_fn(fn) } -> std::same_as<Status>;
+  { s.wait_value(w, std::uint64_t{1}) } -> std::same_as<Status>;
   { s.merge(p, p, p) } -> std::same_as<Status>;
   { s.query() } -> std::same_as<Status>;
   { s.synchronize(d) } -> std::same_as<Status>;

@@ -1,0 +1,339 @@
+#pragma once
+// orchestrator/cuda/mb:<m>: the orchestrator on CUDA streams, compute stages
+// as cuBLAS SGEMMs on the compute stream, CPU attention (cpu::DenseDecode,
+// f32 KV: the stages write k, v with SGEMM, no conversion kernel) on the
+// host's cores. Included by bench_orchestrator.cpp when HATTN_BENCH_CUDA.
+// Without a device the cases skip with an error message.
+//
+// Stage A: q = x Wq, k = x Wk, v = x Wv (no norm or RoPE: they would need a
+// kernel of their own and cost little next to the GEMMs). Stage B:
+// x += attn_o Wo, then mlp_reps x (h = x W1; x += h W2), linear (no
+// activation kernel). Weights shared across layers. mlp_reps is calibrated
+// so that compute ~ attention at mb:2. Counters as for the host cases; the
+// "alone" times synchronize the stream around the stages.
+//
+// Not run yet: written and compiled on a machine without a GPU.
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "hattn/cpu/executor.hpp"
+#include "hattn/cuda/buffer.hpp"
+#include "hattn/runtime/cpu_attention.hpp"
+#include "hattn/runtime/cuda_stream.hpp"
+#include "hattn/runtime/host_kv_cache.hpp"
+#include "hattn/runtime/orchestrator.hpp"
+
+namespace bench_cuda {
+
+namespace rt = hattn::runtime;
+using Ms = std::chrono::duration<double, std::milli>;
+
+constexpr std::int32_t kLayers = 8, kBatch = 16, kKvLen = 4096, kSpare = 1024;
+constexpr std::int32_t kHq = 8, kHkv = 2, kD = 64, kHidden = 512, kFfn = 2048;
+constexpr std::int32_t kQd = kHq * kD, kKd = kHkv * kD;
+
+hattn::DecodeProblem problem(std::int32_t batch) {
+  return {.batch_size = batch,
+          .num_q_heads = kHq,
+          .num_kv_heads = kHkv,
+          .head_dim = kD,
+          .kv_dtype = hattn::DType::kF32,
+          .q_dtype = hattn::DType::kF32,
+          .o_dtype = hattn::DType::kF32,
+          .sm_scale = std::nullopt};
+}
+
+std::unique_ptr<rt::HostKvCache> make_cache() {
+  const std::int64_t pages = (kKvLen + kSpare) / 16 + 1;
+  auto kv = std::make_unique<rt::HostKvCache>(
+      kLayers, hattn::PagePoolOptions{.dtype = hattn::DType::kF32,
+                                      .num_kv_heads = kHkv,
+                                      .head_dim = kD,
+                                      .page_size = 16,
+                                      .num_pages = pages * kBatch,
+                                      .layout = hattn::KvLayout::kHND});
+  std::vector<float> k(std::size_t{kKvLen} * kKd), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = std::sin(0.37f * static_cast<float>(i % 1000));
+    v[i] = std::cos(0.11f * static_cast<float>(i % 777));
+  }
+  for (std::int32_t b = 0; b < kBatch; ++b) {
+    std::int32_t id = 0;
+    if (!kv->add_sequence(&id)) return nullptr;
+    for (std::int32_t l = 0; l < kLayers; ++l)
+      if (!kv->append(l, id, k.data(), v.data(), kKvLen)) return nullptr;
+  }
+  return kv;
+}
+
+// Device buffers and cuBLAS SGEMM stages. Row-major [rows][cols] matrices:
+// C = A B is computed as C^T = B^T A^T in cuBLAS's column-major terms.
+class CublasModel {
+ public:
+  CublasModel(std::int32_t mbs, std::int32_t mlp_reps) : mbs_(mbs), reps_(mlp_reps) {}
+
+  hattn::Status init(cudaStream_t stream) {
+    if (cublasCreate(&handle_) != CUBLAS_STATUS_SUCCESS)
+      return {hattn::StatusCode::kCudaError, "cublasCreate failed"};
+    std::mt19937_64 rng(7);
+    std::normal_distribution<float> n01(0.0f, 1.0f);
+    auto upload = [&](hattn::cuda::DeviceBuffer& d, std::size_t n, float scale) -> hattn::Status {
+      std::vector<float> h(n);
+      for (float& x : h) x = n01(rng) * scale;
+      HATTN_RETURN_IF_ERROR(d.allocate(n * sizeof(float)));
+      return hattn::cuda::cuda_status(
+          cudaMemcpy(d.data(), h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+    };
+    const float si = 1.0f / std::sqrt(float(kHidden));
+    HATTN_RETURN_IF_ERROR(upload(wq_, std::size_t{kHidden} * kQd, si));
+    HATTN_RETURN_IF_ERROR(upload(wk_, std::size_t{kHidden} * kKd, si));
+    HATTN_RETURN_IF_ERROR(upload(wv_, std::size_t{kHidden} * kKd, si));
+    HATTN_RETURN_IF_ERROR(upload(wo_, std::size_t{kQd} * kHidden, 0.1f / std::sqrt(float(kQd))));
+    HATTN_RETURN_IF_ERROR(upload(w1_, std::size_t{kHidden} * kFfn, 0.01f * si));
+    HATTN_RETURN_IF_ERROR(upload(w2_, std::size_t{kFfn} * kHidden, 0.01f / std::sqrt(float(kFfn))));
+    bufs_.resize(static_cast<std::size_t>(mbs_));
+    io_.resize(static_cast<std::size_t>(mbs_));
+    for (std::int32_t m = 0; m < mbs_; ++m) {
+      const auto n = static_cast<std::size_t>(rt::micro_batch_range(kBatch, mbs_, m).size);
+      Bufs& b = bufs_[static_cast<std::size_t>(m)];
+      HATTN_RETURN_IF_ERROR(upload(b.x, n * kHidden, 1.0f));
+      HATTN_RETURN_IF_ERROR(b.h.allocate(n * kFfn * sizeof(float)));
+      HATTN_RETURN_IF_ERROR(b.q.allocate(n * kQd * sizeof(float)));
+      HATTN_RETURN_IF_ERROR(b.k.allocate(n * kKd * sizeof(float)));
+      HATTN_RETURN_IF_ERROR(b.v.allocate(n * kKd * sizeof(float)));
+      HATTN_RETURN_IF_ERROR(b.o.allocate(n * kQd * sizeof(float)));
+      HATTN_RETURN_IF_ERROR(b.lse.allocate(n * kHq * sizeof(float)));
+      io_[static_cast<std::size_t>(m)] = {b.q.as<float>(), b.k.data(),      b.v.data(),
+                                          nullptr,         b.o.as<float>(), b.lse.as<float>()};
+    }
+    (void)stream;
+    return hattn::Status::ok();
+  }
+  ~CublasModel() {
+    if (handle_ != nullptr) (void)cublasDestroy(handle_);
+  }
+  CublasModel(const CublasModel&) = delete;
+  CublasModel& operator=(const CublasModel&) = delete;
+
+  const std::vector<rt::MicroBatchIo>& io() const { return io_; }
+
+  hattn::Status stage_a(std::int32_t m, cudaStream_t s) {
+    const Bufs& b = bufs_[static_cast<std::size_t>(m)];
+    const auto n = rt::micro_batch_range(kBatch, mbs_, m).size;
+    HATTN_RETURN_IF_ERROR(
+        gemm(s, b.x.as<float>(), wq_.as<float>(), b.q.as<float>(), n, kHidden, kQd, 0.0f));
+    HATTN_RETURN_IF_ERROR(
+        gemm(s, b.x.as<float>(), wk_.as<float>(), b.k.as<float>(), n, kHidden, kKd, 0.0f));
+    return gemm(s, b.x.as<float>(), wv_.as<float>(), b.v.as<float>(), n, kHidden, kKd, 0.0f);
+  }
+  hattn::Status stage_b(std::int32_t m, cudaStream_t s) {
+    const Bufs& b = bufs_[static_cast<std::size_t>(m)];
+    const auto n = rt::micro_batch_range(kBatch, mbs_, m).size;
+    HATTN_RETURN_IF_ERROR(
+        gemm(s, b.o.as<float>(), wo_.as<float>(), b.x.as<float>(), n, kQd, kHidden, 1.0f));
+    for (std::int32_t r = 0; r < reps_; ++r) {
+      HATTN_RETURN_IF_ERROR(
+          gemm(s, b.x.as<float>(), w1_.as<float>(), b.h.as<float>(), n, kHidden, kFfn, 0.0f));
+      HATTN_RETURN_IF_ERROR(
+          gemm(s, b.h.as<float>(), w2_.as<float>(), b.x.as<float>(), n, kFfn, kHidden, 1.0f));
+    }
+    return hattn::Status::ok();
+  }
+
+  rt::EngineStages<cudaStream_t> stages() {
+    return {
+        [this](const rt::StageContext& c, cudaStream_t s) { return stage_a(c.micro_batch, s); },
+        nullptr,
+        [this](const rt::StageContext& c, cudaStream_t s) { return stage_b(c.micro_batch, s); }};
+  }
+
+ private:
+  struct Bufs {
+    hattn::cuda::DeviceBuffer x, h, q, k, v, o, lse;
+  };
+  // C[n][cols] = A[n][inner] B[inner][cols] + beta C, row-major.
+  hattn::Status gemm(cudaStream_t s, const float* a, const float* b, float* c, std::int32_t n,
+                     std::int32_t inner, std::int32_t cols, float beta) {
+    const float alpha = 1.0f;
+    if (cublasSetStream(handle_, s) != CUBLAS_STATUS_SUCCESS ||
+        cublasSgemm(handle_, CUBLAS_OP_N, CUBLAS_OP_N, cols, n, inner, &alpha, b, cols, a, inner,
+                    &beta, c, cols) != CUBLAS_STATUS_SUCCESS)
+      return {hattn::StatusCode::kCudaError, "cublasSgemm failed"};
+    return hattn::Status::ok();
+  }
+
+  std::int32_t mbs_, reps_;
+  cublasHandle_t handle_ = nullptr;
+  hattn::cuda::DeviceBuffer wq_, wk_, wv_, wo_, w1_, w2_;
+  std::vector<Bufs> bufs_;
+  std::vector<rt::MicroBatchIo> io_;
+};
+
+template <class F>
+double time_ms(F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return Ms(std::chrono::steady_clock::now() - t0).count();
+}
+
+double compute_alone_ms(CublasModel& model, std::int32_t mbs, cudaStream_t s) {
+  return time_ms([&] {
+    for (std::int32_t l = 0; l < kLayers; ++l)
+      for (std::int32_t m = 0; m < mbs; ++m) {
+        (void)model.stage_a(m, s);
+        (void)model.stage_b(m, s);
+      }
+    (void)cudaStreamSynchronize(s);
+  });
+}
+
+double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::CpuExecutor& ex) {
+  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
+  rt::DenseCpuAttention backend(problem(max_mb));
+  std::vector<float> q(static_cast<std::size_t>(max_mb) * kQd, 0.01f), o(q.size()),
+      lse(static_cast<std::size_t>(max_mb) * kHq);
+  std::vector<std::int32_t> seqs(kBatch);
+  for (std::int32_t i = 0; i < kBatch; ++i) seqs[static_cast<std::size_t>(i)] = i;
+  std::vector<std::int64_t> cpu(kBatch);
+  hattn::PageTable table;
+  return time_ms([&] {
+    for (std::int32_t l = 0; l < kLayers; ++l)
+      for (std::int32_t m = 0; m < mbs; ++m) {
+        const auto r = rt::micro_batch_range(kBatch, mbs, m);
+        for (std::int32_t b = 0; b < r.size; ++b)
+          cpu[static_cast<std::size_t>(b)] =
+              kv.seq_len(l, seqs[static_cast<std::size_t>(r.begin + b)]);
+        (void)kv.build_page_table(l, seqs.data() + r.begin, cpu.data(), r.size, &table);
+        rt::CpuAttentionTask t;
+        t.problem = problem(r.size);
+        t.kv = kv.pool(l).view(table);
+        t.q = hattn::make_query_view(q.data(), hattn::DType::kF32, r.size, kHq, kD);
+        t.out = hattn::make_partial_view(o.data(), hattn::DType::kF32, lse.data(), r.size, kHq, kD);
+        (void)backend.attend(t, ex);
+      }
+  });
+}
+
+bool have_device() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  (void)cudaGetLastError();
+  return ok;
+}
+
+// Attention threads: all cores but the one the issuing thread and the CUDA
+// callback thread share.
+int attention_threads() {
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1);
+}
+
+std::int32_t calibrated_mlp_reps(rt::CudaStream& s) {
+  static const std::int32_t reps = [&] {
+    auto kv = make_cache();
+    hattn::CpuExecutor ex(attention_threads());
+    const double att = kv ? attention_alone_ms(*kv, 2, ex) : 1.0;
+    CublasModel m1(2, 1), m9(2, 9);
+    if (!m1.init(s.handle()) || !m9.init(s.handle())) return 1;
+    (void)compute_alone_ms(m1, 2, s.handle());  // warm-up (cuBLAS heuristics, clocks)
+    (void)compute_alone_ms(m9, 2, s.handle());
+    const double c1 = compute_alone_ms(m1, 2, s.handle()), c9 = compute_alone_ms(m9, 2, s.handle());
+    const double per_rep = std::max((c9 - c1) / 8.0, 1e-4), base = c1 - per_rep;
+    return static_cast<std::int32_t>(std::clamp(std::lround((att - base) / per_rep), 1L, 4096L));
+  }();
+  return reps;
+}
+
+inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
+  if (!have_device()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  std::unique_ptr<rt::CudaStream> compute, copy;
+  try {
+    compute = std::make_unique<rt::CudaStream>();
+    copy = std::make_unique<rt::CudaStream>();
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  const std::int32_t reps = calibrated_mlp_reps(*compute);
+  auto kv = make_cache();
+  CublasModel model(mbs, reps);
+  if (!kv || !model.init(compute->handle())) {
+    state.SkipWithError("cannot set up the KV cache or the model");
+    return;
+  }
+  hattn::CpuExecutor executor(attention_threads());
+  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
+  rt::OrchestratorOptions oo;
+  oo.num_layers = kLayers;
+  oo.num_micro_batches = mbs;
+  oo.slot = {.max_batch = max_mb,
+             .num_q_heads = kHq,
+             .num_kv_heads = kHkv,
+             .head_dim = kD,
+             .kv_dtype = hattn::DType::kF32,
+             .code_bytes_per_seq = 0};
+  oo.record_timeline = false;  // its marks would be host callbacks on the streams
+  rt::DenseCpuAttention backend(problem(max_mb));
+  rt::DecodeOrchestrator<rt::CudaStream, rt::DenseCpuAttention> orch(
+      oo, *compute, *copy, *kv, backend, executor, rt::PartitionPolicy::all_cpu(),
+      rt::cuda_pinned_host_memory());
+  std::vector<std::int32_t> seqs(kBatch);
+  for (std::int32_t i = 0; i < kBatch; ++i) seqs[static_cast<std::size_t>(i)] = i;
+  const auto stages = model.stages();
+  if (const hattn::Status s = orch.step(seqs, model.io(), stages); !s) {
+    state.SkipWithError(s.message());
+    return;
+  }
+  std::vector<double> step_ms, compute_ms, attention_ms;
+  for (auto _ : state) {
+    if (kv->seq_len(0, 0) >= kKvLen + kSpare - 1) {
+      state.SkipWithError("out of spare KV pages");
+      break;
+    }
+    hattn::Status s = hattn::Status::ok();
+    step_ms.push_back(time_ms([&] { s = orch.step(seqs, model.io(), stages); }));
+    if (!s) {
+      state.SkipWithError(s.message());
+      break;
+    }
+    compute_ms.push_back(compute_alone_ms(model, mbs, compute->handle()));
+    attention_ms.push_back(attention_alone_ms(*kv, mbs, executor));
+  }
+  if (step_ms.empty()) return;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double st = median(step_ms), c = median(compute_ms), a = median(attention_ms);
+  state.counters["step_ms"] = st;
+  state.counters["compute_ms"] = c;
+  state.counters["attention_ms"] = a;
+  state.counters["overlap_efficiency"] = std::max(c, a) / st;
+  state.counters["mlp_reps"] = reps;
+  state.counters["attention_threads"] = attention_threads();
+}
+
+inline const bool registered = [] {
+  for (std::int32_t m : {1, 2, 4})
+    benchmark::RegisterBenchmark(("orchestrator/cuda/mb:" + std::to_string(m)).c_str(),
+                                 BM_orchestrator_cuda, m)
+        ->Unit(benchmark::kMillisecond);
+  return true;
+}();
+
+}  // namespace bench_cuda
