@@ -81,9 +81,9 @@ struct Scratch {
   std::vector<std::uint32_t> sampled;  // union over the pass's heads, ascending
   std::vector<std::uint16_t> umask;    // [union]: bit g = head g sampled it
   std::vector<const std::byte*> krows, vrows;
-  std::vector<float> kn;              // [cap + chunk]: norms of the union's keys
-  std::vector<std::uint16_t> qcodes;  // [16][L]
-  std::vector<std::uint32_t> ranges;  // [16 L][2]: bucket bounds of a walk
+  std::vector<float> kn;                     // [cap + chunk]: norms of the union's keys
+  std::vector<std::uint16_t> qcodes;         // [16][L]
+  std::vector<std::uint32_t> ranges;         // [16 L][2]: bucket bounds of a walk
   std::vector<const std::uint32_t*> bounds;  // [16 L]: where each task's bounds are
   std::vector<const void*> pbase;            // [16 L]: each task's table positions
   // [16][D] each: queries (natural, LSH kernel order, dense kernel order),

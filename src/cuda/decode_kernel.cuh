@@ -356,10 +356,9 @@ cudaError_t launch_decode(const DecodeParams& p, std::int64_t num_ctas, cudaStre
   // The launch's own status (not cudaGetLastError(), which would also report
   // an error some earlier, unrelated call left pending).
   void* args[] = {const_cast<DecodeParams*>(&p)};
-  const cudaError_t e =
-      cudaLaunchKernel(reinterpret_cast<const void*>(&decode_kernel<T, D, W, kAligned>),
-                       dim3(static_cast<unsigned int>(num_ctas)), dim3(kThreadsPerCta), args, 0,
-                       stream);
+  const cudaError_t e = cudaLaunchKernel(
+      reinterpret_cast<const void*>(&decode_kernel<T, D, W, kAligned>),
+      dim3(static_cast<unsigned int>(num_ctas)), dim3(kThreadsPerCta), args, 0, stream);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
 }
