@@ -56,6 +56,7 @@
 #include "hattn/cpu/executor.hpp"
 #include "hattn/cpu/lsh_attention.hpp"
 #include "hattn/detail/kv_rows.hpp"
+#include "hattn/detail/splitmix.hpp"
 
 namespace {
 
@@ -76,12 +77,7 @@ DataParams params(Data d) {
                              : DataParams{4.0f, 12.0f, 12.0f, 4.0f, 10.0f, 1.3f};
 }
 
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+using hattn::detail::splitmix64;
 
 // Normal noise fast enough for GiBs of KV: rows are windows of a table of
 // 2^20 N(0, 1) values at random offsets.
@@ -93,7 +89,9 @@ struct NoiseTable {
     t.resize((std::size_t{1} << 20) + kD);
     for (auto& x : t) x = nd(rng);
   }
-  const float* row(std::uint64_t key) const { return t.data() + (mix(key) & ((1u << 20) - 1)); }
+  const float* row(std::uint64_t key) const {
+    return t.data() + (splitmix64(key) & ((1u << 20) - 1));
+  }
 };
 const NoiseTable& noise() {
   static const NoiseTable table;

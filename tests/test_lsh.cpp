@@ -282,7 +282,13 @@ TEST_CASE("lsh check 4: each table is a permutation bucketed by the key codes", 
 
 TEST_CASE("lsh check 3: retrieval returns exactly the brute-force set", "[lsh]") {
   auto rng = make_rng("lsh-check3");
-  for (auto cfg : {config(10, 150), config(6, 20), config(8, 75)}) {
+  // m = 1 and m = 3 too: m <= 2 counts in bitsets, m >= 3 in epoch counters.
+  auto with_m = [](LshConfig c, std::int32_t m) {
+    c.min_collisions = m;
+    return c;
+  };
+  for (auto cfg : {config(10, 150), config(6, 20), config(8, 75), with_m(config(6, 20), 1),
+                   with_m(config(6, 20), 3), with_m(config(8, 75), 4)}) {
     // GQA 4, three sequences of uneven length, one shorter than sink + window.
     const std::vector<std::int64_t> lens{1777, 40, 3001};
     LshLayer layer = make_layer(cfg, 8, 2, 64, DType::kF16, lens, rng);
@@ -299,7 +305,8 @@ TEST_CASE("lsh check 3: retrieval returns exactly the brute-force set", "[lsh]")
         std::vector<std::int64_t> got;
         REQUIRE(layer.attn->sampled_positions(seq, qh, q.data(), &got).is_ok());
         const auto want = brute_force_sampled(layer, seq, qh, q.data());
-        INFO("K" << cfg.K << "L" << cfg.L << " seq " << s << " head " << qh << " " << seed_note());
+        INFO("K" << cfg.K << "L" << cfg.L << " m " << cfg.min_collisions << " seq " << s << " head "
+                 << qh << " " << seed_note());
         REQUIRE(got == want);  // sorted, so also free of duplicates
       }
     }

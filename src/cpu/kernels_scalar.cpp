@@ -4,18 +4,12 @@
 #include <cstring>
 
 #include "cpu/attend.hpp"
+#include "cpu/scalar_row.hpp"
 
 namespace hattn::cpu::detail {
 namespace {
 
 constexpr int kBlock = 16;
-
-template <class KvT>
-float load(const std::byte* row, int d) noexcept {
-  KvT x;
-  std::memcpy(&x, row + d * sizeof(KvT), sizeof(KvT));
-  return to_float(x);
-}
 
 template <int D, class KvT>
 void attend_head(const AttendArgs& a, int hk, int t0, int nb) noexcept {
@@ -26,7 +20,7 @@ void attend_head(const AttendArgs& a, int hk, int t0, int nb) noexcept {
   float* m = a.m + hk * a.G;
   float* l = a.l + hk * a.G;
   for (int t = 0; t < nb; ++t) {
-    for (int d = 0; d < D; ++d) row[d] = load<KvT>(a.k[t0 + t] + hk * a.k_head_stride, d);
+    for (int d = 0; d < D; ++d) row[d] = row_element<KvT>(a.k[t0 + t] + hk * a.k_head_stride, d);
     for (int h = 0; h < a.G; ++h) {
       float dot = 0.0f;
       for (int d = 0; d < D; ++d) dot += q[h * D + d] * row[d];
@@ -47,7 +41,7 @@ void attend_head(const AttendArgs& a, int hk, int t0, int nb) noexcept {
     for (int d = 0; d < D; ++d) acc[h * D + d] *= alpha;
   }
   for (int t = 0; t < nb; ++t) {
-    for (int d = 0; d < D; ++d) row[d] = load<KvT>(a.v[t0 + t] + hk * a.v_head_stride, d);
+    for (int d = 0; d < D; ++d) row[d] = row_element<KvT>(a.v[t0 + t] + hk * a.v_head_stride, d);
     for (int h = 0; h < a.G; ++h)
       for (int d = 0; d < D; ++d) acc[h * D + d] += s[h][t] * row[d];
   }

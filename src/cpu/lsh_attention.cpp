@@ -15,6 +15,7 @@
 #include "hattn/core/merge.hpp"
 #include "hattn/core/supported.hpp"
 #include "hattn/detail/kv_rows.hpp"
+#include "hattn/detail/splitmix.hpp"
 
 namespace hattn::cpu {
 
@@ -23,13 +24,6 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr std::int32_t kCorrIntervals = 1 << 14;  // of the -ln(u + eps) table over [-1, 1]
 constexpr std::int64_t kHashBlock = 256;          // rows centered and hashed at once
-
-std::uint64_t mix64(std::uint64_t x) noexcept {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 template <class F>
 void visit_dtype(DType t, F&& f) {
@@ -92,7 +86,10 @@ struct Scratch {
   std::int64_t cap = 0;
   std::uint16_t epoch = 0;
 
-  void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L) {
+  // Room for n indexed positions, exact_rows exact rows, head dim D, L tables
+  // and the collision threshold m (counters only for m >= 3).
+  void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L,
+               std::int32_t m) {
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
     for (auto* v : {&qf, &qd, &acc, &os, &oe})
       if (v->size() < hd) v->resize(hd);
@@ -103,15 +100,18 @@ struct Scratch {
       pbase.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
     }
     if (n > cap) {
-      counters.assign(static_cast<std::size_t>(kMaxGroupPerPass) * n, 0);
       const std::size_t words = static_cast<std::size_t>((n + 63) / 64);
       seen.assign(kMaxGroupPerPass * words, 0);
       hits.assign(kMaxGroupPerPass * words, 0);
       sampled.reserve(static_cast<std::size_t>(n));
-      umask.reserve(static_cast<std::size_t>(n));
       kn.resize(static_cast<std::size_t>(n) + detail::kLshPad);
       umask.reserve(static_cast<std::size_t>(n) + detail::kLshPad);
       cap = n;
+    }
+    // Counters are indexed [g][cap].
+    const auto need_counters = static_cast<std::size_t>(m >= 3 ? kMaxGroupPerPass * cap : 0);
+    if (counters.size() < need_counters) {
+      counters.assign(need_counters, 0);
       epoch = 0;
     }
     const auto rows = static_cast<std::size_t>(std::max(n, exact_rows));
@@ -198,8 +198,9 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
       im.proj.emplace_back(s.head_dim, config.K, config.L, config.seed, a->isa_);
     } else {
       for (std::int32_t h = 0; h < s.num_kv_heads; ++h) {
-        const std::uint64_t seed = mix64(
-            config.seed ^ mix64((std::uint64_t(std::uint32_t(s.layer)) << 32) | std::uint32_t(h)));
+        const std::uint64_t seed = hattn::detail::splitmix64(
+            config.seed ^ hattn::detail::splitmix64((std::uint64_t(std::uint32_t(s.layer)) << 32) |
+                                                    std::uint32_t(h)));
         im.proj.emplace_back(s.head_dim, config.K, config.L, seed, a->isa_);
       }
     }
@@ -236,11 +237,7 @@ float LshAttention::score_correction(float cos) const noexcept {
   if (config_.sample_all) return 0.0f;
   if (!(cos > -1.0f)) cos = std::isnan(cos) ? 0.0f : -1.0f;  // clamp (and NaN -> orthogonal)
   if (cos > 1.0f) cos = 1.0f;
-  const float x = (cos + 1.0f) * (0.5f * kCorrIntervals);
-  const auto i = std::min(static_cast<std::int32_t>(x), kCorrIntervals - 1);
-  const float f = x - static_cast<float>(i);
-  const float* t = impl_->corr.data() + i;
-  return t[0] + f * (t[1] - t[0]);
+  return detail::lsh_correction(impl_->corr.data(), kCorrIntervals, cos);
 }
 
 const SimHash& LshAttention::projection(std::int32_t kv_head) const noexcept {
@@ -464,17 +461,6 @@ Status LshAttention::rebuild_index(SeqId id, const CpuExecutor& executor) {
 
 namespace {
 
-// What one (sequence, KV head, pass of query heads) item needs.
-struct Pass {
-  const PagedKvView* view;
-  const LshTables* tables;
-  const float* norms;
-  std::int64_t sink_end, indexed_end, length;
-  std::int32_t h;  // KV head
-  std::int32_t gp;
-  const float* q;  // [gp][D] natural, unscaled
-};
-
 // Walks bucket qcodes[g][l] of every main table l for every head g, in the
 // order (g, l), as a software pipeline: the bucket bounds of task k + 16 and
 // the positions of task k + 8 are prefetched while task k is walked, so the
@@ -525,14 +511,13 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
 // tables. For m <= 2 the counting is two bitsets per head (seen, sampled),
 // which stay in L1/L2 for 64K positions: hits[w] |= seen[w] & bit; seen[w] |= bit.
 // Larger m counts in epoch-stamped 16-bit counters (no clearing per step).
-void retrieve(const Pass& p, const std::uint16_t* qcodes, std::int32_t L, std::int32_t m, bool all,
-              Scratch& sc) {
+void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::uint16_t* qcodes,
+              std::int32_t L, std::int32_t m, bool all, Scratch& sc) {
   sc.sampled.clear();
   sc.umask.clear();
-  const std::int64_t n = p.indexed_end - p.sink_end;
   if (n <= 0) return;
   if (all) {
-    const auto every = static_cast<std::uint16_t>((1u << p.gp) - 1u);
+    const auto every = static_cast<std::uint16_t>((1u << gp) - 1u);
     for (std::int64_t i = 0; i < n; ++i) {
       sc.sampled.push_back(static_cast<std::uint32_t>(i));
       sc.umask.push_back(every);
@@ -541,38 +526,36 @@ void retrieve(const Pass& p, const std::uint16_t* qcodes, std::int32_t L, std::i
   }
   const std::int64_t words = (n + 63) / 64;
   const std::int64_t stride = (sc.cap + 63) / 64;
-  for (std::int32_t g = 0; g < p.gp; ++g) {
+  for (std::int32_t g = 0; g < gp; ++g) {
     std::fill_n(sc.hits.data() + g * stride, words, std::uint64_t{0});
     if (m == 2) std::fill_n(sc.seen.data() + g * stride, words, std::uint64_t{0});
   }
-  const LshTables& t = *p.tables;
-  // hit(g, i) per position, through visitors of whole buckets so the loops
-  // over a bucket keep the head's arrays in registers.
-  auto walk = [&](auto&& hit) {
-    auto visit = [&](std::int32_t g, const auto* first, const auto* last) {
-      for (; first < last; ++first) hit(g, static_cast<std::uint32_t>(*first));
-    };
+  // Every bucket of every (head, table), main then side tables, through
+  // bucket(g, first, last): the loop over a bucket keeps the head's arrays
+  // in registers.
+  auto walk = [&](auto&& bucket) {
     if (t.main_size() > 0) {
       if (t.wide())
-        walk_main<std::uint32_t>(t, qcodes, L, p.gp, sc, visit);
+        walk_main<std::uint32_t>(t, qcodes, L, gp, sc, bucket);
       else
-        walk_main<std::uint16_t>(t, qcodes, L, p.gp, sc, visit);
+        walk_main<std::uint16_t>(t, qcodes, L, gp, sc, bucket);
     }
     if (t.side_size() > 0)
-      for (std::int32_t g = 0; g < p.gp; ++g)
+      for (std::int32_t g = 0; g < gp; ++g)
         for (std::int32_t l = 0; l < L; ++l)
-          t.for_each_in_side(l, qcodes[g * L + l], [&](std::uint32_t i) { hit(g, i); });
+          t.for_each_in_side(l, qcodes[g * L + l], [&](std::uint32_t i) { bucket(g, &i, &i + 1); });
   };
   std::uint64_t* const hits = sc.hits.data();
   std::uint64_t* const seen = sc.seen.data();
   if (m == 1) {
-    walk([=](std::int32_t g, std::uint32_t i) {
-      hits[g * stride + (i >> 6)] |= std::uint64_t{1} << (i & 63);
+    walk([=](std::int32_t g, const auto* first, const auto* last) {
+      std::uint64_t* __restrict h = hits + g * stride;
+      for (; first < last; ++first) h[*first >> 6] |= std::uint64_t{1} << (*first & 63);
     });
   } else if (m == 2) {
-    // The hot loop of retrieval: a bucket at a time, the head's two bitsets
-    // (16 KiB at 64K positions) in L1.
-    auto bucket = [=](std::int32_t g, const auto* first, const auto* last) {
+    // The hot loop of retrieval: the head's two bitsets (16 KiB at 64K
+    // positions) stay in L1.
+    walk([=](std::int32_t g, const auto* first, const auto* last) {
       std::uint64_t* __restrict h = hits + g * stride;
       std::uint64_t* __restrict se = seen + g * stride;
       for (; first < last; ++first) {
@@ -582,41 +565,34 @@ void retrieve(const Pass& p, const std::uint16_t* qcodes, std::int32_t L, std::i
         h[i >> 6] |= s1 & bit;
         se[i >> 6] = s1 | bit;
       }
-    };
-    if (t.main_size() > 0) {
-      if (t.wide())
-        walk_main<std::uint32_t>(t, qcodes, L, p.gp, sc, bucket);
-      else
-        walk_main<std::uint16_t>(t, qcodes, L, p.gp, sc, bucket);
-    }
-    if (t.side_size() > 0)
-      for (std::int32_t g = 0; g < p.gp; ++g)
-        for (std::int32_t l = 0; l < L; ++l)
-          t.for_each_in_side(l, qcodes[g * L + l], [&](std::uint32_t i) { bucket(g, &i, &i + 1); });
+    });
   } else {
     const std::uint16_t stamp = static_cast<std::uint16_t>(sc.next_epoch() << 8);
     const auto mm = static_cast<std::uint16_t>(m);
     std::uint16_t* const counters = sc.counters.data();
     const std::int64_t cap = sc.cap;
-    walk([=](std::int32_t g, std::uint32_t i) {
+    walk([=](std::int32_t g, const auto* first, const auto* last) {
       std::uint16_t* cnt = counters + g * cap;
-      std::uint16_t c = cnt[i];
-      if ((c & 0xff00u) != stamp) c = stamp;
-      if ((c & 0xffu) < mm) {
-        ++c;
-        cnt[i] = c;
-        if ((c & 0xffu) == mm) hits[g * stride + (i >> 6)] |= std::uint64_t{1} << (i & 63);
+      for (; first < last; ++first) {
+        const std::uint32_t i = *first;
+        std::uint16_t c = cnt[i];
+        if ((c & 0xff00u) != stamp) c = stamp;
+        if ((c & 0xffu) < mm) {
+          ++c;
+          cnt[i] = c;
+          if ((c & 0xffu) == mm) hits[g * stride + (i >> 6)] |= std::uint64_t{1} << (i & 63);
+        }
       }
     });
   }
   for (std::int64_t w = 0; w < words; ++w) {
     std::uint64_t any = 0;
-    for (std::int32_t g = 0; g < p.gp; ++g) any |= sc.hits[g * stride + w];
+    for (std::int32_t g = 0; g < gp; ++g) any |= sc.hits[g * stride + w];
     while (any != 0) {
       const int b = __builtin_ctzll(any);
       any &= any - 1;
       std::uint16_t mk = 0;
-      for (std::int32_t g = 0; g < p.gp; ++g)
+      for (std::int32_t g = 0; g < gp; ++g)
         mk = static_cast<std::uint16_t>(mk | (((sc.hits[g * stride + w] >> b) & 1u) << g));
       sc.sampled.push_back(static_cast<std::uint32_t>(w * 64 + b));
       sc.umask.push_back(mk);
@@ -636,19 +612,12 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
   const Seq& s = *it->second;
   const std::int32_t h = q_head / (shape_.num_q_heads / shape_.num_kv_heads);
   Scratch sc;
-  sc.reserve(std::max<std::int64_t>(1, s.indexed()), 0, shape_.head_dim, config_.L);
+  sc.reserve(std::max<std::int64_t>(1, s.indexed()), 0, shape_.head_dim, config_.L,
+             config_.min_collisions);
   std::vector<std::uint16_t> codes(static_cast<std::size_t>(config_.L));
   impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
-  Pass p{&s.view,
-         &s.tables[static_cast<std::size_t>(h)],
-         nullptr,
-         s.sink_end,
-         s.indexed_end,
-         s.length,
-         h,
-         1,
-         q};
-  retrieve(p, codes.data(), config_.L, config_.min_collisions, config_.sample_all, sc);
+  retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
+           config_.min_collisions, config_.sample_all, sc);
   out->clear();
   for (std::uint32_t i : sc.sampled) out->push_back(s.sink_end + i);
   std::sort(out->begin(), out->end());
@@ -696,7 +665,8 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   try {
     const auto slots = static_cast<std::size_t>(executor.concurrency()) + 1;
     if (im.scratch.size() < slots) im.scratch.resize(slots);
-    for (auto& sc : im.scratch) sc.reserve(max_indexed, max_exact, D, config_.L);
+    for (auto& sc : im.scratch)
+      sc.reserve(max_indexed, max_exact, D, config_.L, config_.min_collisions);
   } catch (const std::bad_alloc&) {
     return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
   }
@@ -771,19 +741,10 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
         codes = im.step_codes.data() + (std::int64_t{b} * Hq + h * G + g0) * L;
       else
         im.proj_of(h).hash(qf, gp, D, qcodes);
-      Pass p{&s.view,
-             &tab,
-             s.norms[static_cast<std::size_t>(h)].data(),
-             s.sink_end,
-             s.indexed_end,
-             s.length,
-             h,
-             gp,
-             qf};
-      retrieve(p, codes, L, config_.min_collisions, config_.sample_all, sc);
+      retrieve(tab, ni, gp, codes, L, config_.min_collisions, config_.sample_all, sc);
       const auto nu = static_cast<std::int32_t>(sc.sampled.size());
       if (nu > 0) {
-        const float* norms = p.norms;
+        const float* norms = s.norms[static_cast<std::size_t>(h)].data();
         for (std::int32_t j = 0; j < nu; ++j) {
           const auto rows = hattn::detail::row_at(s.view, 0, h, s.sink_end + sc.sampled[j]);
           sc.krows[j] = rows.k;

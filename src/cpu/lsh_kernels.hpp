@@ -36,6 +36,17 @@ struct LshScoreCtx {
 };
 inline constexpr std::int32_t kLshPad = 16;
 
+// corr(cos) as LshScoreCtx defines it, one value at a time (the portable
+// kernel, and LshAttention::score_correction; the SIMD kernels do the same
+// per vector). cos must be in [-1, 1].
+inline float lsh_correction(const float* corr, std::int32_t intervals, float cos) noexcept {
+  const float x = (cos + 1.0f) * (0.5f * static_cast<float>(intervals));
+  const std::int32_t i =
+      static_cast<std::int32_t>(x) < intervals - 1 ? static_cast<std::int32_t>(x) : intervals - 1;
+  const float f = x - static_cast<float>(i);
+  return corr[i] + f * (corr[i + 1] - corr[i]);
+}
+
 HashFn lsh_hash_scalar() noexcept;
 HashFn lsh_hash_avx2() noexcept;
 HashFn lsh_hash_avx512() noexcept;

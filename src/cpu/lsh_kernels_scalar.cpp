@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cpu/lsh_kernels.hpp"
+#include "cpu/scalar_row.hpp"
 
 namespace hattn::cpu::detail {
 namespace {
@@ -26,26 +27,18 @@ void hash_scalar(const float* x, std::int64_t rows, std::int64_t xs, std::int32_
   }
 }
 
-template <class KvT>
-float load(const std::byte* row, int d) noexcept {
-  KvT x;
-  std::memcpy(&x, row + d * sizeof(KvT), sizeof(KvT));
-  return to_float(x);
-}
-
 // The sampled kernel: the dense kernels' blocked online softmax in base 2,
 // with the score transform of LshScoreCtx.
 template <int D, class KvT>
 void attend_scalar(const AttendArgs& a) noexcept {
   constexpr int kBlock = 16;
   const auto& c = *static_cast<const LshScoreCtx*>(a.ctx);
-  const float half = 0.5f * static_cast<float>(c.intervals);
   float row[D];
   float s[kMaxGroupPerPass][kBlock];
   for (std::int32_t t0 = 0; t0 < a.n; t0 += kBlock) {
     const std::int32_t nb = std::min(kBlock, a.n - t0);
     for (std::int32_t t = 0; t < nb; ++t) {
-      for (int d = 0; d < D; ++d) row[d] = load<KvT>(a.k[t0 + t], d);
+      for (int d = 0; d < D; ++d) row[d] = row_element<KvT>(a.k[t0 + t], d);
       for (std::int32_t g = 0; g < a.G; ++g) {
         float dot = 0.0f;
         for (int d = 0; d < D; ++d) dot += a.q[std::int64_t{g} * D + d] * row[d];
@@ -54,10 +47,7 @@ void attend_scalar(const AttendArgs& a) noexcept {
           const float den = c.qn[g] * c.kn[t0 + t];
           float cs = den > 0.0f ? (dot * c.inv_qscale - c.qmu[g]) / den : 0.0f;
           cs = std::min(std::max(cs, -1.0f), 1.0f);
-          const float x = (cs + 1.0f) * half;
-          const std::int32_t i = std::min(static_cast<std::int32_t>(x), c.intervals - 1);
-          const float f = x - static_cast<float>(i);
-          sv += (c.corr[i] + f * (c.corr[i + 1] - c.corr[i])) * 1.4426950408889634f;
+          sv += lsh_correction(c.corr, c.intervals, cs) * 1.4426950408889634f;
         }
         if (((c.umask[t0 + t] >> g) & 1u) == 0) sv = -INFINITY;
         s[g][t] = sv;
@@ -78,7 +68,7 @@ void attend_scalar(const AttendArgs& a) noexcept {
         const float p = std::exp2(s[g][t] - a.m[g]);
         if (p == 0.0f) continue;
         a.l[g] += p;
-        for (int d = 0; d < D; ++d) acc[d] += p * load<KvT>(a.v[t0 + t], d);
+        for (int d = 0; d < D; ++d) acc[d] += p * row_element<KvT>(a.v[t0 + t], d);
       }
     }
   }

@@ -6,17 +6,13 @@
 #include <stdexcept>
 
 #include "cpu/lsh_kernels.hpp"
+#include "hattn/detail/splitmix.hpp"
 
 namespace hattn::cpu {
 
 namespace {
 
-std::uint64_t splitmix64(std::uint64_t x) noexcept {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+using ::hattn::detail::splitmix64;
 
 // Uniform in (0, 1]: 53 random bits.
 double uniform(std::uint64_t seed, std::uint64_t i) noexcept {

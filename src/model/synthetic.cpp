@@ -4,17 +4,13 @@
 #include <fstream>
 
 #include "hattn/core/dtype.hpp"
+#include "hattn/detail/splitmix.hpp"
 #include "hattn/model/safetensors.hpp"
 
 namespace hattn::model {
 namespace {
 
-std::uint64_t splitmix64(std::uint64_t x) noexcept {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
+using hattn::detail::splitmix64;
 
 LlamaConfig llama3_rope(LlamaConfig c) {
   c.rope_theta = 500000.0;
