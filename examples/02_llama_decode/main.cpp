@@ -36,9 +36,11 @@
 #include "hattn/model/config.hpp"
 #include "hattn/model/llama.hpp"
 #include "hattn/model/lsh_kv_attention.hpp"
+#include "hattn/model/orchestrated_runner.hpp"
 #include "hattn/model/runner.hpp"
 #include "hattn/model/sampler.hpp"
 #include "hattn/model/synthetic.hpp"
+#include "hattn/runtime/timeline.hpp"
 
 namespace {
 
@@ -58,6 +60,7 @@ struct Options {
   int lsh_k = 10, lsh_l = 150;
   std::string lsh_dense_layers = "0,16,...";
   int micro_batches = 1;
+  int attention_threads = 0;
   int threads = 0;
   std::string trace;
   std::uint64_t seed = 0;
@@ -108,7 +111,13 @@ Attention and compute:
   --lsh-dense-layers S   layers lsh attends densely: "none", a list "0,5", or a
                          progression "0,16,..." (default: every 16th from 0)
   --compute C            where the GEMMs run: cpu (default) or cuda
-  --micro-batches M      micro-batches pipelined by the orchestrator (default 1)
+  --micro-batches M      decode through the orchestrator with M micro-batches
+                         (default 1): stages on a compute stream, attention on
+                         the orchestrator's CPU thread; with M >= 2 one
+                         micro-batch's attention overlaps another's GEMMs.
+                         0: the sequential runner, no orchestrator
+  --attention-threads N  with M >= 2: threads of the CPU attention; the rest
+                         run the GEMMs (default: half of --threads, at least 1)
   --kv-dtype T           KV cache dtype: bf16 (default), f16, f32
   --isa I                CPU attention kernels: auto, avx512, avx2, scalar
   --threads N            worker threads, 0 = all cores (default 0)
@@ -161,12 +170,30 @@ int usage_error(const char* fmt, std::string_view a, std::string_view b = {}) {
 
 // Returns 0 to go on, -1 after --help, otherwise the exit code.
 int parse_args(int argc, char** argv, Options* o) {
-  static constexpr std::string_view kFlags[] = {
-      "--model",      "--synthetic",      "--synthetic-dir",   "--weights-seed", "--prompt-ids",
-      "--prompt-len", "--max-new-tokens", "--batch",           "--temperature",  "--top-p",
-      "--seed",       "--prefill",        "--prefill-chunk",   "--attention",    "--lsh-K",
-      "--lsh-L",      "--compute",        "--micro-batches",   "--kv-dtype",     "--isa",
-      "--threads",    "--trace",          "--lsh-dense-layers"};
+  static constexpr std::string_view kFlags[] = {"--model",
+                                                "--synthetic",
+                                                "--synthetic-dir",
+                                                "--weights-seed",
+                                                "--prompt-ids",
+                                                "--prompt-len",
+                                                "--max-new-tokens",
+                                                "--batch",
+                                                "--temperature",
+                                                "--top-p",
+                                                "--seed",
+                                                "--prefill",
+                                                "--prefill-chunk",
+                                                "--attention",
+                                                "--lsh-K",
+                                                "--lsh-L",
+                                                "--compute",
+                                                "--micro-batches",
+                                                "--kv-dtype",
+                                                "--isa",
+                                                "--threads",
+                                                "--trace",
+                                                "--lsh-dense-layers",
+                                                "--attention-threads"};
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -229,7 +256,9 @@ int parse_args(int argc, char** argv, Options* o) {
     } else if (arg == "--compute")
       o->compute = value, ok = value == "cpu" || value == "cuda";
     else if (arg == "--micro-batches")
-      ok = parse_num(value, 1, 64, &o->micro_batches);
+      ok = parse_num(value, 0, 64, &o->micro_batches);
+    else if (arg == "--attention-threads")
+      ok = parse_num(value, 1, 4096, &o->attention_threads);
     else if (arg == "--threads")
       ok = parse_num(value, 0, 4096, &o->threads);
     else if (arg == "--trace")
@@ -293,7 +322,10 @@ bool prepare_synthetic(const Options& opt, const hattn::CpuExecutor& executor,
   hm::LlamaConfig config;
   if (!hm::synthetic_config(opt.synthetic, &config)) {
     std::string names;
-    for (std::string_view n : hm::synthetic_model_names()) names += " " + std::string(n);
+    for (std::string_view n : hm::synthetic_model_names()) {
+      names += ' ';
+      names += n;
+    }
     std::fprintf(stderr, "error: unknown synthetic model '%s' (known:%s)\n", opt.synthetic.c_str(),
                  names.c_str());
     return false;
@@ -335,15 +367,28 @@ int main(int argc, char** argv) {
                  opt.compute.c_str());
     return 2;
   }
-  if (opt.micro_batches != 1) {
-    std::fprintf(stderr,
-                 "error: --micro-batches %d is not available in this build yet (it needs the "
-                 "decode orchestrator); use --micro-batches 1\n",
-                 opt.micro_batches);
-    return 2;
-  }
 
   const hattn::CpuExecutor executor(opt.threads);
+  // Orchestrated decode with two or more micro-batches (at most one per
+  // sequence): the GEMMs and the CPU attention overlap, each on its own
+  // executor (threads split); with one they alternate and share every thread.
+  const bool orchestrated = opt.micro_batches > 0;
+  const bool overlapped = std::min(opt.micro_batches, opt.batch) >= 2;
+  const int total_threads = executor.concurrency();
+  const int attention_threads =
+      opt.attention_threads > 0 ? opt.attention_threads : std::max(1, total_threads / 2);
+  if (overlapped && attention_threads >= total_threads) {
+    std::fprintf(stderr,
+                 "error: --attention-threads %d leaves no thread for the GEMMs (%d threads in "
+                 "all; see --threads)\n",
+                 attention_threads, total_threads);
+    return 2;
+  }
+  std::optional<hattn::CpuExecutor> compute_executor, attention_executor;
+  if (overlapped) {
+    compute_executor.emplace(total_threads - attention_threads);
+    attention_executor.emplace(attention_threads);
+  }
   std::filesystem::path dir = opt.model_dir;
   if (!opt.synthetic.empty() && !prepare_synthetic(opt, executor, &dir)) return 1;
 
@@ -380,8 +425,13 @@ int main(int argc, char** argv) {
     if (opt.isa == hattn::to_string(i)) isa = i;
   std::unique_ptr<hm::KvAttention> attention;
   hm::LshKvAttention* lsh = nullptr;
+  std::vector<std::int32_t> lsh_dense_layers;
+  if (!hm::parse_layer_list(opt.lsh_dense_layers, cfg.num_layers, &lsh_dense_layers))
+    return usage_error("bad value '%.*s' for %.*s", opt.lsh_dense_layers, "--lsh-dense-layers");
   try {
-    if (opt.attention == "lsh") {
+    // Orchestrated: prefill (exact attention) into the host cache the
+    // orchestrator then decodes from; an LSH backend indexes it afterwards.
+    if (opt.attention == "lsh" && !orchestrated) {
       hm::LshKvAttentionOptions lo;
       lo.kv_dtype = opt.kv_dtype;
       lo.num_sequences = opt.batch;
@@ -389,9 +439,7 @@ int main(int argc, char** argv) {
       lo.max_prefill_tokens = opt.prefill_chunk;
       lo.lsh.K = opt.lsh_k;
       lo.lsh.L = opt.lsh_l;
-      lo.dense_layers.emplace();
-      if (!hm::parse_layer_list(opt.lsh_dense_layers, cfg.num_layers, &*lo.dense_layers))
-        return usage_error("bad value '%.*s' for %.*s", opt.lsh_dense_layers, "--lsh-dense-layers");
+      lo.dense_layers = lsh_dense_layers;
       auto a = std::make_unique<hm::LshKvAttention>(cfg, lo, executor, isa);
       lsh = a.get();
       attention = std::move(a);
@@ -401,7 +449,7 @@ int main(int argc, char** argv) {
           hm::DenseKvAttentionOptions{.kv_dtype = opt.kv_dtype,
                                       .page_size = 16,
                                       .num_sequences = opt.batch,
-                                      .max_seq_len = prompt_len + opt.max_new_tokens + 1,
+                                      .max_seq_len = prompt_len + opt.max_new_tokens + 2,
                                       .max_prefill_tokens = opt.prefill_chunk,
                                       .precision = hattn::cpu::DenseDecode::Precision::kF32},
           executor, isa);
@@ -461,9 +509,36 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // The orchestrated decoder continues from the prefilled caches (an LSH
+  // backend builds its indexes here: counted as prefill).
+  std::unique_ptr<hm::OrchestratedRunner> orch;
+  if (orchestrated) {
+    hm::OrchestratedRunnerOptions oo;
+    oo.num_micro_batches = opt.micro_batches;
+    oo.isa = isa;
+    oo.record_timeline = !opt.trace.empty();
+    oo.pin_threads = compute_executor && compute_executor->concurrency() == 1 &&
+                     attention_executor->concurrency() == 1;
+    if (opt.attention == "lsh") {
+      oo.attention = hm::CpuAttentionKind::kLsh;
+      oo.lsh.K = opt.lsh_k;
+      oo.lsh.L = opt.lsh_l;
+      oo.lsh_dense_layers = lsh_dense_layers;
+    }
+    const hattn::CpuExecutor& cex = compute_executor ? *compute_executor : executor;
+    const hattn::CpuExecutor& aex = attention_executor ? *attention_executor : executor;
+    std::string why;
+    if (!check(hm::OrchestratedRunner::create(model, static_cast<hm::DenseKvAttention&>(*attention),
+                                              oo, cex, aex, &orch, &why),
+               "starting the orchestrated decoder", why))
+      return 1;
+  }
   const double prefill_s = seconds_since(t0);
   const hm::StageTimes prefill_times = runner.times();
   runner.reset_times();
+  const auto decode_step = [&](std::span<const std::int32_t> tokens, float* out) {
+    return orch ? orch->decode_step(tokens, out) : runner.decode_step(tokens, out);
+  };
 
   // Decode.
   phase = "decode";
@@ -472,7 +547,7 @@ int main(int argc, char** argv) {
   {
     Progress bar("decode");
     for (int s = 0; s < steps; ++s) {
-      if (!check(runner.decode_step(next, logits.data()), "decode step")) return 1;
+      if (!check(decode_step(next, logits.data()), "decode step")) return 1;
       for (int b = 0; b < opt.batch; ++b) {
         const std::int32_t tok = sampler.sample(std::span(logits.data() + b * vocab, vocab));
         generated[static_cast<std::size_t>(b)].push_back(tok);
@@ -482,20 +557,30 @@ int main(int argc, char** argv) {
     }
   }
   const double decode_s = seconds_since(t0);
-  const hm::StageTimes dt = runner.times();
+  const hm::StageTimes dt = orch ? orch->times() : runner.times();
+  const double compute_busy_s = orch ? orch->compute_busy_s() : 0.0;
+  const double attention_busy_s = orch ? orch->attention_busy_s() : 0.0;
+  const double orch_wall_s = orch ? orch->wall_s() : 0.0;
 
   // lsh: the fraction of indexed keys the queries sample, measured on one
   // extra, untimed step (its token is dropped).
   double sampled_fraction = -1.0;
-  if (lsh) {
-    lsh->set_sampling_stats(true);
+  const bool is_lsh = opt.attention == "lsh";
+  if (is_lsh) {
+    if (lsh) lsh->set_sampling_stats(true);
+    if (orch) orch->set_sampling_stats(true);
     std::vector<float> scratch_logits(logits.size());
-    if (!check(runner.decode_step(next, scratch_logits.data()), "decode step (sampling stats)"))
-      return 1;
-    sampled_fraction = lsh->sampling_stats().mean_fraction();
+    if (!check(decode_step(next, scratch_logits.data()), "decode step (sampling stats)")) return 1;
+    sampled_fraction = lsh ? lsh->sampling_stats().mean_fraction() : orch->mean_sampled_fraction();
   }
 
   if (!opt.trace.empty()) {
+    // Orchestrated decode: the orchestrator's timeline (compute stream, copy
+    // stream and CPU attention tracks) as process 1, next to the prefill.
+    if (orch) {
+      const nlohmann::json tl = nlohmann::json::parse(orch->timeline().to_chrome_trace());
+      for (const auto& e : tl.at("traceEvents")) trace_events.push_back(e);
+    }
     std::ofstream out(opt.trace, std::ios::binary);
     out << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << '\n';
     if (!out.flush()) {
@@ -507,15 +592,30 @@ int main(int argc, char** argv) {
   const double prefill_tok_s =
       prefill_s > 0 ? static_cast<double>(opt.batch * prompt_len) / prefill_s : 0.0;
   const double decode_tok_s = decode_s > 0 && steps > 0 ? opt.batch * steps / decode_s : 0.0;
-  const double kv_gb = static_cast<double>(attention->kv_bytes()) / 1e9;
-  const double index_gb = static_cast<double>(attention->index_bytes()) / 1e9;
+  // The LSH backend of the orchestrator keeps its own copy of the KV next to
+  // the host cache (runtime/lsh_cpu_attention.hpp): counted with the KV.
+  const std::size_t kv_bytes = attention->kv_bytes() + (orch ? orch->backend_kv_bytes() : 0);
+  const std::size_t index_bytes = orch ? orch->index_bytes() : attention->index_bytes();
+  const char* attention_name = orch ? orch->attention_name() : attention->name();
+  const double kv_gb = static_cast<double>(kv_bytes) / 1e9;
+  const double index_gb = static_cast<double>(index_bytes) / 1e9;
   const double weights_gb = static_cast<double>(model.weight_bytes()) / 1e9;
 
   if (opt.json) {
     nlohmann::json j;
     j["model"] = opt.synthetic.empty() ? opt.model_dir : opt.synthetic;
-    j["attention"] = attention->name();
+    j["attention"] = attention_name;
     j["compute"] = opt.compute;
+    j["micro_batches"] = opt.micro_batches;
+    if (orch) {
+      j["orchestrator"] = {
+          {"compute_threads", compute_executor ? compute_executor->concurrency() : total_threads},
+          {"attention_threads",
+           attention_executor ? attention_executor->concurrency() : total_threads},
+          {"wall_s", orch_wall_s},
+          {"compute_busy_s", compute_busy_s},
+          {"attention_busy_s", attention_busy_s}};
+    }
     j["batch"] = opt.batch;
     j["prompt_len"] = prompt_len;
     j["prefill"] = opt.prefill;
@@ -536,12 +636,12 @@ int main(int argc, char** argv) {
     };
     j["prefill_stages"] = stages(prefill_times);
     j["decode_stages"] = stages(dt);
-    j["kv_bytes"] = attention->kv_bytes();
-    j["index_bytes"] = attention->index_bytes();
-    if (lsh) {
+    j["kv_bytes"] = kv_bytes;
+    j["index_bytes"] = index_bytes;
+    if (is_lsh) {
       j["lsh"] = {{"K", opt.lsh_k},
                   {"L", opt.lsh_l},
-                  {"dense_layers", *lsh->options().dense_layers},
+                  {"dense_layers", lsh_dense_layers},
                   {"mean_sampled_fraction", sampled_fraction}};
     }
     j["weight_bytes"] = model.weight_bytes();
@@ -552,6 +652,7 @@ int main(int argc, char** argv) {
   // The CPU kernels a dense backend picked (other backends say their own name).
   const auto* dense = dynamic_cast<const hm::DenseKvAttention*>(attention.get());
   std::string kernels = dense ? std::string(hattn::to_string(dense->backend().isa())) : "-";
+  if (orch) kernels = hattn::to_string(isa);
   for (int l = 0; lsh && l < cfg.num_layers; ++l)
     if (const hattn::cpu::LshAttention* layer = lsh->lsh_layer(l))
       kernels = hattn::to_string(layer->isa());
@@ -561,7 +662,7 @@ int main(int argc, char** argv) {
   std::printf(
       "run       attention %s (%s kernels), compute %s, %d threads, batch %d, prompt %lld "
       "tokens (%s prefill%s)\n",
-      attention->name(), kernels.c_str(), opt.compute.c_str(), executor.concurrency(), opt.batch,
+      attention_name, kernels.c_str(), opt.compute.c_str(), executor.concurrency(), opt.batch,
       static_cast<long long>(prompt_len), opt.prefill.c_str(),
       opt.prefill == "synthetic" ? ", benchmark only: outputs are meaningless" : "");
   for (int b = 0; b < opt.batch; ++b) {
@@ -584,12 +685,23 @@ int main(int argc, char** argv) {
               static_cast<long long>(opt.batch * prompt_len),
               opt.prefill == "synthetic" ? ", synthetic: cache fill only" : "");
   std::printf("decode    %10.2f tok/s  (%d steps x batch %d)\n", decode_tok_s, steps, opt.batch);
+  if (orch) {
+    std::printf(
+        "pipeline  orchestrator, %d micro-batch%s, %d GEMM / %d attention threads: compute busy "
+        "%.3f s, attention busy %.3f s in %.3f s of steps (overlap %.2f)\n",
+        orch->num_micro_batches(), orch->num_micro_batches() == 1 ? "" : "es",
+        compute_executor ? compute_executor->concurrency() : total_threads,
+        attention_executor ? attention_executor->concurrency() : total_threads, compute_busy_s,
+        attention_busy_s, orch_wall_s,
+        orch_wall_s > 0 ? (compute_busy_s + attention_busy_s) / orch_wall_s : 0.0);
+  } else {
+    std::printf("pipeline  sequential runner (no orchestrator)\n");
+  }
   std::printf("memory    KV %.1f MB, index %.1f MB, weights %.1f MB (mapped), load %.2f s\n",
               kv_gb * 1e3, index_gb * 1e3, weights_gb * 1e3, load_s);
-  if (lsh) {
+  if (is_lsh) {
     std::string dl;
-    for (std::int32_t l : *lsh->options().dense_layers)
-      dl += (dl.empty() ? "" : ",") + std::to_string(l);
+    for (std::int32_t l : lsh_dense_layers) dl += (dl.empty() ? "" : ",") + std::to_string(l);
     std::printf(
         "lsh       K %d, L %d, dense layers [%s], sampled %.2f%% of indexed keys "
         "(mean over queries of one extra step)\n",

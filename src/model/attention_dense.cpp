@@ -6,29 +6,37 @@
 
 namespace hattn::model {
 
+namespace {
+
+const DenseKvAttentionOptions& checked(const DenseKvAttentionOptions& o) {
+  if (o.num_sequences <= 0 || o.max_seq_len <= 0 || o.page_size <= 0 || o.max_prefill_tokens <= 0)
+    throw std::invalid_argument("DenseKvAttention: sizes must be positive");
+  return o;
+}
+
+PagePoolOptions pool_options(const LlamaConfig& config, const DenseKvAttentionOptions& o) {
+  const std::int64_t pages_per_seq = (o.max_seq_len + o.page_size - 1) / o.page_size;
+  return {.dtype = o.kv_dtype,
+          .num_kv_heads = config.num_kv_heads,
+          .head_dim = config.head_dim,
+          .page_size = o.page_size,
+          .num_pages = pages_per_seq * o.num_sequences,
+          .layout = KvLayout::kHND};
+}
+
+}  // namespace
+
 DenseKvAttention::DenseKvAttention(const LlamaConfig& config,
                                    const DenseKvAttentionOptions& options,
                                    const CpuExecutor& executor, CpuIsa isa)
-    : config_(config), opt_(options), executor_(&executor), backend_(isa, options.precision) {
-  if (opt_.num_sequences <= 0 || opt_.max_seq_len <= 0 || opt_.page_size <= 0 ||
-      opt_.max_prefill_tokens <= 0)
-    throw std::invalid_argument("DenseKvAttention: sizes must be positive");
-  const std::int64_t pages_per_seq = (opt_.max_seq_len + opt_.page_size - 1) / opt_.page_size;
-  const PagePoolOptions pool{.dtype = opt_.kv_dtype,
-                             .num_kv_heads = config.num_kv_heads,
-                             .head_dim = config.head_dim,
-                             .page_size = opt_.page_size,
-                             .num_pages = pages_per_seq * opt_.num_sequences,
-                             .layout = KvLayout::kHND};
-  pools_.reserve(static_cast<std::size_t>(config.num_layers));
-  seqs_.resize(static_cast<std::size_t>(config.num_layers));
-  for (std::int32_t l = 0; l < config.num_layers; ++l) {
-    pools_.emplace_back(pool);
-    for (std::int32_t s = 0; s < opt_.num_sequences; ++s) {
-      HostPagePool::SeqId id = 0;
-      if (!pools_.back().create_sequence(&id)) throw std::invalid_argument("create_sequence");
-      seqs_[static_cast<std::size_t>(l)].push_back(id);
-    }
+    : config_(config),
+      opt_(checked(options)),
+      executor_(&executor),
+      backend_(isa, options.precision),
+      cache_(config.num_layers, pool_options(config, options)) {
+  for (std::int32_t s = 0; s < opt_.num_sequences; ++s) {
+    std::int32_t seq = 0;
+    if (!cache_.add_sequence(&seq)) throw std::invalid_argument("DenseKvAttention: add_sequence");
   }
   const DecodeProblem problem{.batch_size = std::max(opt_.num_sequences, opt_.max_prefill_tokens),
                               .num_q_heads = config.num_q_heads,
@@ -44,8 +52,7 @@ DenseKvAttention::DenseKvAttention(const LlamaConfig& config,
 
 std::int64_t DenseKvAttention::seq_len(int layer, int seq) const noexcept {
   if (layer < 0 || layer >= config_.num_layers || seq < 0 || seq >= opt_.num_sequences) return -1;
-  return pools_[static_cast<std::size_t>(layer)].seq_len(
-      seqs_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(seq)]);
+  return cache_.seq_len(layer, seq);
 }
 
 Status DenseKvAttention::append(int layer, int seq, const float* k, const float* v,
@@ -55,10 +62,7 @@ Status DenseKvAttention::append(int layer, int seq, const float* k, const float*
   if (n < 0) return {StatusCode::kInvalidArgument, "negative token count"};
   if (seq_len(layer, seq) + n > opt_.max_seq_len)
     return {StatusCode::kOutOfMemory, "sequence longer than the KV cache's max_seq_len"};
-  HostPagePool& pool = pools_[static_cast<std::size_t>(layer)];
-  const HostPagePool::SeqId id =
-      seqs_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(seq)];
-  if (opt_.kv_dtype == DType::kF32) return pool.append(id, k, v, n);
+  if (opt_.kv_dtype == DType::kF32) return cache_.append(layer, seq, k, v, n);
   const std::int64_t count = n * config_.kv_dim();
   const std::size_t es = size_of(opt_.kv_dtype);
   staging_.resize(2 * static_cast<std::size_t>(count) * es);
@@ -68,7 +72,7 @@ Status DenseKvAttention::append(int layer, int seq, const float* k, const float*
     store_from_float(kd, opt_.kv_dtype, i, k[i]);
     store_from_float(vd, opt_.kv_dtype, i, v[i]);
   }
-  return pool.append(id, kd, vd, n);
+  return cache_.append(layer, seq, kd, vd, n);
 }
 
 Status DenseKvAttention::decode(int layer, std::span<const std::int32_t> seqs, const float* q,
@@ -79,14 +83,13 @@ Status DenseKvAttention::decode(int layer, std::span<const std::int32_t> seqs, c
   for (std::int32_t s : seqs) {
     if (s < 0 || s >= opt_.num_sequences)
       return {StatusCode::kInvalidArgument, "sequence out of range"};
-    batch_ids_.push_back(seqs_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(s)]);
+    batch_ids_.push_back(id(layer, s));
   }
   const auto batch = static_cast<std::int32_t>(seqs.size());
   if (batch > std::max(opt_.num_sequences, opt_.max_prefill_tokens))
     return {StatusCode::kInvalidArgument, "batch larger than the attention was sized for"};
-  const HostPagePool& pool = pools_[static_cast<std::size_t>(layer)];
-  HATTN_RETURN_IF_ERROR(pool.build_page_table(batch_ids_, &table_));
-  const PagedKvView kv = pool.view(table_);
+  HATTN_RETURN_IF_ERROR(pool(layer).build_page_table(batch_ids_, &table_));
+  const PagedKvView kv = pool(layer).view(table_);
   const DecodeProblem problem{.batch_size = batch,
                               .num_q_heads = config_.num_q_heads,
                               .num_kv_heads = config_.num_kv_heads,
@@ -109,11 +112,10 @@ Status DenseKvAttention::prefill(int layer, int seq, const float* q, std::int64_
     return {StatusCode::kInvalidArgument, "layer or sequence out of range"};
   const std::int64_t len = seq_len(layer, seq);
   if (n <= 0 || n > len) return {StatusCode::kInvalidArgument, "prefill: bad token count"};
-  const HostPagePool& pool = pools_[static_cast<std::size_t>(layer)];
-  const HostPagePool::SeqId id =
-      seqs_[static_cast<std::size_t>(layer)][static_cast<std::size_t>(seq)];
+  const HostPagePool& pool = this->pool(layer);
+  const HostPagePool::SeqId sid = id(layer, seq);
   PageTable whole;
-  HATTN_RETURN_IF_ERROR(pool.build_page_table(std::span(&id, 1), &whole));
+  HATTN_RETURN_IF_ERROR(pool.build_page_table(std::span(&sid, 1), &whole));
   // Causal prefill as a decode batch: query i is a "sequence" made of the
   // first pages of the real one, cut at its own position. The pages are
   // shared, so this costs page-table entries, not copies.
@@ -155,13 +157,11 @@ Status DenseKvAttention::prefill(int layer, int seq, const float* q, std::int64_
 
 std::size_t DenseKvAttention::kv_bytes() const noexcept {
   std::size_t total = 0;
-  for (std::size_t l = 0; l < pools_.size(); ++l) {
+  for (std::int32_t l = 0; l < cache_.num_layers(); ++l) {
     std::int64_t pages = 0;
-    for (HostPagePool::SeqId id : seqs_[l]) {
-      const std::int64_t len = pools_[l].seq_len(id);
-      pages += (len + opt_.page_size - 1) / opt_.page_size;
-    }
-    total += 2 * static_cast<std::size_t>(pages) * pools_[l].page_bytes();  // K and V
+    for (std::int32_t s = 0; s < cache_.num_sequences(); ++s)
+      pages += (cache_.seq_len(l, s) + opt_.page_size - 1) / opt_.page_size;
+    total += 2 * static_cast<std::size_t>(pages) * cache_.pool(l).page_bytes();  // K and V
   }
   return total;
 }

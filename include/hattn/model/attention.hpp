@@ -24,6 +24,7 @@
 #include "hattn/cpu/dense_decode.hpp"
 #include "hattn/cpu/executor.hpp"
 #include "hattn/model/config.hpp"
+#include "hattn/runtime/host_kv_cache.hpp"
 
 namespace hattn::model {
 
@@ -61,7 +62,10 @@ struct DenseKvAttentionOptions {
   cpu::DenseDecode::Precision precision = cpu::DenseDecode::Precision::kF32;
 };
 
-// Every key, on the CPU: cpu::DenseDecode over paged host pools.
+// Every key, on the CPU: cpu::DenseDecode over paged host pools, held in a
+// runtime::HostKvCache (sequence s of this attention is the cache's sequence
+// s) so that an orchestrated decode (model/orchestrated_runner.hpp) continues
+// from the caches a prefill through this class filled.
 class DenseKvAttention final : public KvAttention {
  public:
   // Throws std::invalid_argument / std::bad_alloc like HostPagePool.
@@ -78,15 +82,23 @@ class DenseKvAttention final : public KvAttention {
   std::size_t kv_bytes() const noexcept override;
 
   const cpu::DenseDecode& backend() const noexcept { return backend_; }
+  const DenseKvAttentionOptions& options() const noexcept { return opt_; }
+  // The caches. Appending through the cache (as an orchestrator does) is
+  // allowed; this class reads the lengths from it.
+  runtime::HostKvCache& cache() noexcept { return cache_; }
+  const runtime::HostKvCache& cache() const noexcept { return cache_; }
 
  private:
+  HostPagePool& pool(int layer) noexcept { return cache_.pool(layer); }
+  const HostPagePool& pool(int layer) const noexcept { return cache_.pool(layer); }
+  HostPagePool::SeqId id(int layer, int seq) const noexcept { return cache_.pool_seq(layer, seq); }
+
   LlamaConfig config_;
   DenseKvAttentionOptions opt_;
   const CpuExecutor* executor_;
   cpu::DenseDecode backend_;
-  std::vector<HostPagePool> pools_;                     // one per layer
-  std::vector<std::vector<HostPagePool::SeqId>> seqs_;  // [layer][seq]
-  std::vector<std::byte> staging_;                      // k/v converted to the pool dtype
+  runtime::HostKvCache cache_;
+  std::vector<std::byte> staging_;  // k/v converted to the pool dtype
   std::vector<std::byte> workspace_;
   std::vector<float> lse_scratch_;
   PageTable table_;

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -56,11 +57,14 @@ namespace hattn::runtime {
 class LshCpuAttention {
  public:
   // One LshAttention per layer of `kv` (shape.layer is set per layer; the
-  // shape's heads, head dim and dtype must match the cache). `max_batch`:
-  // the largest micro-batch. Borrows `kv`, which must outlive this. Throws
-  // std::invalid_argument / std::runtime_error when a layer cannot be made.
+  // shape's heads, head dim and dtype must match the cache), except the
+  // `dense_layers`, which the CPU attends densely over the host KV (MagicPIG
+  // keeps some layers dense: model/lsh_kv_attention.hpp's default is every
+  // 16th). `max_batch`: the largest micro-batch. Borrows `kv`, which must
+  // outlive this. Throws std::invalid_argument / std::runtime_error when a
+  // layer cannot be made.
   LshCpuAttention(const cpu::LshConfig& config, const cpu::LshShape& shape, const HostKvCache& kv,
-                  std::int32_t max_batch)
+                  std::int32_t max_batch, std::span<const std::int32_t> dense_layers = {})
       : config_(config),
         kv_(&kv),
         dense_(DecodeProblem{.batch_size = max_batch,
@@ -78,7 +82,11 @@ class LshCpuAttention {
     if (max_batch < 1) throw std::invalid_argument("LshCpuAttention: max_batch must be positive");
     layers_.resize(static_cast<std::size_t>(kv.num_layers()));
     prefill_len_.resize(layers_.size());
+    for (std::int32_t l : dense_layers)
+      if (l < 0 || l >= kv.num_layers())
+        throw std::invalid_argument("LshCpuAttention: dense layer out of range");
     for (std::int32_t l = 0; l < kv.num_layers(); ++l) {
+      if (std::find(dense_layers.begin(), dense_layers.end(), l) != dense_layers.end()) continue;
       cpu::LshShape s = shape;
       s.layer = l;
       const Status st = cpu::LshAttention::create(config, s, &layers_[static_cast<std::size_t>(l)]);
@@ -105,6 +113,7 @@ class LshCpuAttention {
     for (std::int32_t l = 0; l < kv_->num_layers(); ++l) {
       const std::int64_t n = kv_->seq_len(l, seq);
       if (n < 0) return {StatusCode::kInvalidArgument, "LshCpuAttention: unknown sequence"};
+      if (is_dense_layer(l)) continue;
       HATTN_RETURN_IF_ERROR(rebuild(l, seq, n, n, executor));
     }
     return Status::ok();
@@ -117,7 +126,7 @@ class LshCpuAttention {
   Status resync(const CpuExecutor& executor) {
     try {
       for (std::int32_t l = 0; l < kv_->num_layers(); ++l)
-        for (std::int32_t s = 0; s < kv_->num_sequences(); ++s)
+        for (std::int32_t s = 0; s < kv_->num_sequences() && !is_dense_layer(l); ++s)
           HATTN_RETURN_IF_ERROR(sync(l, s, kv_->seq_len(l, s), executor));
     } catch (...) {
       return {StatusCode::kOutOfMemory, "LshCpuAttention: cannot allocate"};
@@ -125,9 +134,34 @@ class LshCpuAttention {
     return Status::ok();
   }
 
+  // Layer l's LshAttention; a dense layer has none.
   cpu::LshAttention& layer(std::int32_t l) noexcept {
     return *layers_[static_cast<std::size_t>(l)];
   }
+  const cpu::LshAttention* lsh_layer(std::int32_t l) const noexcept {
+    return l >= 0 && static_cast<std::size_t>(l) < layers_.size()
+               ? layers_[static_cast<std::size_t>(l)].get()
+               : nullptr;
+  }
+  bool is_dense_layer(std::int32_t l) const noexcept { return lsh_layer(l) == nullptr; }
+
+  // Bytes of the LSH layers' indexes (hash tables, key norms, mu), and of
+  // their KV copies.
+  std::size_t index_bytes() const noexcept { return memory_of(&cpu::LshMemory::index, true); }
+  std::size_t lsh_kv_bytes() const noexcept { return memory_of(&cpu::LshMemory::kv, false); }
+
+  // When on, every decode task also asks each LSH layer which keys each
+  // query head samples (a second retrieval: statistics, not timing) and
+  // accumulates the fraction of the indexed keys it sampled.
+  struct SamplingStats {
+    double fraction_sum = 0.0;  // over (query, q head) pairs with indexed keys
+    std::int64_t queries = 0;
+    double mean_fraction() const noexcept {
+      return queries > 0 ? fraction_sum / static_cast<double>(queries) : 0.0;
+    }
+  };
+  void set_sampling_stats(bool on) noexcept { stats_on_ = on; }
+  const SamplingStats& sampling_stats() const noexcept { return stats_; }
 
   // The split MagicPIG partition: layers < dense_layers all on the device;
   // the others give the device the LSH exact tail [tail_begin, len) (as it
@@ -137,7 +171,7 @@ class LshCpuAttention {
   PartitionPolicy policy(std::int32_t dense_layers = 0) const {
     return PartitionPolicy([this, dense_layers](std::int32_t layer, std::int32_t seq,
                                                 std::int64_t len) -> std::int64_t {
-      if (layer < dense_layers) return 0;
+      if (layer < dense_layers || is_dense_layer(layer)) return 0;
       cpu::LshPartition p;
       if (!layers_[static_cast<std::size_t>(layer)]->partition(seq, &p) || p.length + 1 != len)
         return len;  // unknown or out of step: all on the CPU (attend() resynchronizes)
@@ -148,6 +182,7 @@ class LshCpuAttention {
   Status attend(const CpuAttentionTask& t, const CpuExecutor& executor) noexcept {
     if (t.layer < 0 || static_cast<std::size_t>(t.layer) >= layers_.size())
       return {StatusCode::kInvalidArgument, "LshCpuAttention: bad layer"};
+    if (is_dense_layer(t.layer)) return dense_.attend(t, executor);
     if (t.new_k == nullptr || t.new_v == nullptr)
       return {StatusCode::kInvalidArgument, "LshCpuAttention: the task carries no new k/v"};
     const auto B = static_cast<std::size_t>(t.problem.batch_size);
@@ -174,12 +209,49 @@ class LshCpuAttention {
     } catch (...) {
       return {StatusCode::kOutOfMemory, "LshCpuAttention: cannot allocate"};
     }
-    if (all_cpu) return lsh.decode(ids_, t.q, t.out, executor);
+    if (all_cpu) {
+      HATTN_RETURN_IF_ERROR(lsh.decode(ids_, t.q, t.out, executor));
+      return stats_on_ ? record_stats(t, lsh) : Status::ok();
+    }
     if (!any_cpu) return empty(t.out);
     return attend_split(t, lsh, executor);
   }
 
  private:
+  std::size_t memory_of(std::size_t cpu::LshMemory::*field, bool with_norms) const noexcept {
+    std::size_t total = 0;
+    for (const auto& l : layers_)
+      for (std::int32_t s = 0; l && s < kv_->num_sequences(); ++s) {
+        cpu::LshMemory m;
+        if (l->contains(s) && l->memory(s, &m).is_ok())
+          total += m.*field + (with_norms ? m.norms : 0);
+      }
+    return total;
+  }
+
+  Status record_stats(const CpuAttentionTask& t, const cpu::LshAttention& lsh) noexcept {
+    const std::int32_t H = t.problem.num_q_heads;
+    try {
+      for (std::size_t b = 0; b < ids_.size(); ++b) {
+        cpu::LshPartition part;
+        HATTN_RETURN_IF_ERROR(lsh.partition(ids_[b], &part));
+        const std::int64_t indexed = part.tail_begin - part.sink_end;
+        if (indexed <= 0) continue;
+        for (std::int32_t h = 0; h < H; ++h) {
+          const float* q = static_cast<const float*>(t.q.data) +
+                           static_cast<std::int64_t>(b) * t.q.stride_batch + h * t.q.stride_head;
+          HATTN_RETURN_IF_ERROR(lsh.sampled_positions(ids_[b], h, q, &positions_));
+          stats_.fraction_sum +=
+              static_cast<double>(positions_.size()) / static_cast<double>(indexed);
+          ++stats_.queries;
+        }
+      }
+    } catch (...) {
+      return {StatusCode::kOutOfMemory, "LshCpuAttention: sampling statistics: out of memory"};
+    }
+    return Status::ok();
+  }
+
   // Where the exact tail begins once one token is appended to a sequence in
   // state p (cpu::LshAttention::append's rule; attend_split checks it).
   std::int64_t tail_begin_after_append(const cpu::LshPartition& p, std::int64_t len) const {
@@ -329,6 +401,9 @@ class LshCpuAttention {
   PageTable sink_table_, gather_table_;
   std::vector<float> sink_o_, sampled_o_, sink_lse2_, sampled_lse2_;
   std::vector<std::byte> k_, v_;
+  bool stats_on_ = false;
+  SamplingStats stats_;
+  std::vector<std::int64_t> positions_;
 };
 
 static_assert(CpuAttentionBackend<LshCpuAttention>);

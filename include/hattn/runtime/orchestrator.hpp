@@ -171,6 +171,7 @@ class DecodeOrchestrator {
 
   const OrchestratorOptions& options() const noexcept { return opt_; }
   Timeline& timeline() noexcept { return timeline_; }
+  const Timeline& timeline() const noexcept { return timeline_; }
   std::int32_t steps_done() const noexcept { return step_; }
 
   // One decode step over `seqs` (host KV cache indices; each gets one token
