@@ -100,6 +100,17 @@ constexpr Tolerance lsh_output_tolerance(hattn::DType t) noexcept {
 constexpr Tolerance with_bf16_products(Tolerance t, Tolerance extra) noexcept {
   return {t.atol + extra.atol, t.rtol + extra.rtol, t.nmse + extra.nmse};
 }
+// (c) at scores kappa times larger than unit scale: the rounding of q to
+// bf16 moves each score by kappa times more (dq.k grows with q and k), so
+// e_t's rms, and with it the absolute term, grows by kappa and the NMSE by
+// kappa^2 (as scale_for_scores does for (a)). Observed: kappa = 32.5 (q x 8,
+// sm_scale -0.25, D = 256, one KV head) gave NMSE 2.4e-4, above the
+// unit-scale 1e-4 a kappa-free bound allowed, while every element stayed
+// within a quarter of its kappa-scaled bound.
+constexpr Tolerance bf16_products_for_scores(Tolerance extra, double kappa) noexcept {
+  if (kappa <= 1.0) return extra;
+  return {extra.atol * kappa, extra.rtol, extra.nmse * kappa * kappa};
+}
 
 // Scores kappa times larger than unit scale (kappa = |sm_scale| * q_scale *
 // sqrt(D) for unit-normal q and k: 1 by default, 8 for q x 8, 16 for

@@ -359,17 +359,17 @@ void check_decode_case(const DecodeCase& c, const std::string& tag) {
       REQUIRE(backend.run(plan, in.query(), in.dense(), out.view(), shared_executor()) ==
               hattn::StatusCode::kSuccess);
     }
-    Tolerance o_tol = output_tolerance(c.o), lse_tol = kLse2Tolerance;
+    Tolerance o_tol = scale_for_scores(output_tolerance(c.o), kappa);
+    Tolerance lse_tol = scale_for_scores(kLse2Tolerance, kappa);
     if (bf16_products) {
-      o_tol = with_bf16_products(o_tol, kBf16ProductsOutTolerance);
-      lse_tol = with_bf16_products(lse_tol, kBf16ProductsLse2Tolerance);
+      o_tol = with_bf16_products(o_tol, bf16_products_for_scores(kBf16ProductsOutTolerance, kappa));
+      lse_tol =
+          with_bf16_products(lse_tol, bf16_products_for_scores(kBf16ProductsLse2Tolerance, kappa));
     }
     const std::vector<double> o = out.o(), lse = out.lse2();
-    const std::string o_err =
-        compare("o", o, ref.o, scale_for_scores(o_tol, kappa), context, o_index);
+    const std::string o_err = compare("o", o, ref.o, o_tol, context, o_index);
     CHECK(o_err == "");
-    const std::string lse_err =
-        compare("lse2", lse, ref.lse2, scale_for_scores(lse_tol, kappa), context, lse_index);
+    const std::string lse_err = compare("lse2", lse, ref.lse2, lse_tol, context, lse_index);
     CHECK(lse_err == "");
     const std::string guard_err = out.check_untouched();
     CHECK(guard_err == "");
