@@ -86,9 +86,13 @@ hattn_tsan_tests() {
   cmake -S "$HATTN_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHATTN_ENABLE_CUDA=OFF \
     -DHATTN_BUILD_BENCHMARKS=OFF -DHATTN_BUILD_EXAMPLES=OFF \
     "-DCMAKE_CXX_FLAGS=-fsanitize=thread" "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread" >/dev/null
-  hattn_log "ThreadSanitizer: building hattn_runtime_tests with $HATTN_JOBS jobs"
-  cmake --build "$dir" --parallel "$HATTN_JOBS" --target hattn_runtime_tests
+  hattn_log "ThreadSanitizer: building hattn_runtime_tests and hattn_model_tests with $HATTN_JOBS jobs"
+  cmake --build "$dir" --parallel "$HATTN_JOBS" --target hattn_runtime_tests hattn_model_tests
+  local options="halt_on_error=1 second_deadlock_stack=1 suppressions=$HATTN_ROOT/tests/runtime/tsan.supp"
   hattn_log "ThreadSanitizer: running hattn_runtime_tests"
-  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$HATTN_ROOT/tests/runtime/tsan.supp" \
-    "$dir/tests/hattn_runtime_tests"
+  TSAN_OPTIONS="$options" "$dir/tests/hattn_runtime_tests" || return 1
+  # The model decoding through the orchestrator (streams and CPU thread of
+  # hattn; TBB kept to the entering thread: it is not instrumented).
+  hattn_log "ThreadSanitizer: running hattn_model_tests [orchestrated]"
+  HATTN_TEST_ONE_TBB_THREAD=1 TSAN_OPTIONS="$options" "$dir/tests/hattn_model_tests" "[orchestrated]"
 }
