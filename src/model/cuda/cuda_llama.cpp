@@ -69,7 +69,7 @@ void convert_append(const void* src, DType from, std::int64_t count, DType to,
       std::memcpy(&h.bits, in + static_cast<std::size_t>(i) * is, 2);
       x = to_float(h);
     }
-    unsigned char tmp[4];
+    alignas(4) unsigned char tmp[4];
     store_from_float(tmp, to, 0, x);
     std::memcpy(out + static_cast<std::size_t>(i) * es, tmp, es);
   }
