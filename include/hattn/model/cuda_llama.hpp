@@ -20,7 +20,8 @@
 // pointers, no call synchronizes, allocates or throws. Errors of the calls
 // themselves come back as Status (kCudaError naming the call that failed);
 // an out-of-vocabulary token id met by embed() on the device is recorded and
-// reported by device_errors().
+// reported by device_errors(). The stages share one cuBLAS handle (its
+// stream is set per GEMM): call them from one host thread at a time.
 //
 // This header includes only <cuda_runtime_api.h> (cuBLAS is an
 // implementation detail), like every hattn/cuda header.
