@@ -5,7 +5,8 @@
 # breaks the build (and scripts/test.sh) instead of a user's.
 #
 # Headers that need an optional dependency are checked only when it is there:
-# cuda/ when HATTN_ENABLE_CUDA is ON, model/ when the hattn::model target exists.
+# cuda/, runtime/cuda_* and model/cuda_* when HATTN_ENABLE_CUDA is ON, model/
+# when the hattn::model target exists.
 
 function(hattn_add_header_check)
   set(include_root ${PROJECT_SOURCE_DIR}/include)
@@ -17,7 +18,7 @@ function(hattn_add_header_check)
   set(sources)
   set(skipped)
   foreach(header IN LISTS headers)
-    if(header MATCHES "^hattn/(cuda/|runtime/cuda_)" AND NOT HATTN_ENABLE_CUDA)
+    if(header MATCHES "^hattn/(cuda/|runtime/cuda_|model/cuda_)" AND NOT HATTN_ENABLE_CUDA)
       list(APPEND skipped ${header})
       continue()
     endif()

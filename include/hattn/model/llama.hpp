@@ -108,6 +108,13 @@ class LlamaModel {
                   const std::int64_t* positions) const;
   const std::vector<double>& inv_freq() const noexcept { return inv_freq_; }
 
+  // The weights, as loaded (for uploading them to another device). Valid
+  // while the model lives. lm_head().weight == embedding().data when tied.
+  const TensorRef& embedding() const noexcept { return embedding_; }
+  const LayerWeights& layer(int i) const { return layers_[static_cast<std::size_t>(i)]; }
+  const std::vector<float>& final_norm() const noexcept { return final_norm_; }
+  const Linear& lm_head() const noexcept { return lm_head_; }
+
  private:
   LlamaConfig config_;
   std::unique_ptr<TensorStore> store_;  // owns the mappings the Linears point into
