@@ -37,6 +37,11 @@
 #include "hattn/model/llama.hpp"
 #include "hattn/model/lsh_kv_attention.hpp"
 #include "hattn/model/orchestrated_runner.hpp"
+#if HATTN_WITH_CUDA
+#include "hattn/model/cuda_decoder.hpp"
+#include "hattn/model/cuda_llama.hpp"
+#include "hattn/model/cuda_orchestrated_runner.hpp"
+#endif
 #include "hattn/model/runner.hpp"
 #include "hattn/model/sampler.hpp"
 #include "hattn/model/synthetic.hpp"
@@ -354,26 +359,31 @@ bool prepare_synthetic(const Options& opt, const hattn::CpuExecutor& executor,
 int main(int argc, char** argv) {
   Options opt;
   if (const int rc = parse_args(argc, argv, &opt); rc != 0) return rc < 0 ? 0 : rc;
-  if (opt.attention == "cuda-dense") {
+  const bool gpu_compute = opt.compute == "cuda";
+#if !HATTN_WITH_CUDA
+  if (gpu_compute || opt.attention == "cuda-dense") {
     std::fprintf(stderr,
-                 "error: --attention cuda-dense is not available in this build yet (it needs "
-                 "CUDA decoder stages); use --attention cpu-dense or lsh\n");
+                 "error: --compute cuda and --attention cuda-dense need a build with CUDA "
+                 "(configure with -DHATTN_ENABLE_CUDA=ON); use --compute cpu\n");
     return 2;
   }
-  if (opt.compute != "cpu") {
-    std::fprintf(stderr,
-                 "error: --compute %s is not available in this build yet (CUDA decoder stages "
-                 "have not landed); use --compute cpu\n",
-                 opt.compute.c_str());
-    return 2;
-  }
+#endif
+  if (opt.attention == "cuda-dense" && !gpu_compute)
+    return usage_error("--attention cuda-dense runs the whole model on the GPU: add --compute %.*s",
+                       "cuda");
+  if (gpu_compute && opt.attention != "cuda-dense" && opt.micro_batches == 0)
+    return usage_error(
+        "--compute cuda with CPU attention decodes through the orchestrator: --micro-batches "
+        "must be at least 1, not %.*s",
+        "0");
 
   const hattn::CpuExecutor executor(opt.threads);
   // Orchestrated decode with two or more micro-batches (at most one per
   // sequence): the GEMMs and the CPU attention overlap, each on its own
   // executor (threads split); with one they alternate and share every thread.
-  const bool orchestrated = opt.micro_batches > 0;
-  const bool overlapped = std::min(opt.micro_batches, opt.batch) >= 2;
+  const bool orchestrated = opt.micro_batches > 0 && opt.attention != "cuda-dense";
+  // With GPU compute the CPU only attends: no thread split.
+  const bool overlapped = std::min(opt.micro_batches, opt.batch) >= 2 && opt.compute == "cpu";
   const int total_threads = executor.concurrency();
   const int attention_threads =
       opt.attention_threads > 0 ? opt.attention_threads : std::max(1, total_threads / 2);
@@ -425,13 +435,37 @@ int main(int argc, char** argv) {
     if (opt.isa == hattn::to_string(i)) isa = i;
   std::unique_ptr<hm::KvAttention> attention;
   hm::LshKvAttention* lsh = nullptr;
+  const bool whole_gpu = opt.attention == "cuda-dense";
+#if HATTN_WITH_CUDA
+  // --compute cuda: the weights on GPU 0 (bf16); --attention cuda-dense also
+  // keeps the KV caches there and decodes without the orchestrator.
+  hm::CudaLlamaModel gpu_model;
+  hm::CudaDenseDecoder gpu_decoder;
+  if (gpu_compute) {
+    if (!check(hm::CudaLlamaModel::create(model, 0, &gpu_model), "uploading the model to GPU 0"))
+      return 1;
+    if (whole_gpu &&
+        !check(hm::CudaDenseDecoder::create(gpu_model,
+                                            {.num_sequences = opt.batch,
+                                             .max_seq_len = prompt_len + opt.max_new_tokens + 2,
+                                             .max_prefill_tokens = opt.prefill_chunk,
+                                             .kv_dtype = opt.kv_dtype,
+                                             .page_size = 16,
+                                             .timing = true},
+                                            &gpu_decoder),
+               "allocating the GPU KV caches"))
+      return 1;
+  }
+#endif
   std::vector<std::int32_t> lsh_dense_layers;
   if (!hm::parse_layer_list(opt.lsh_dense_layers, cfg.num_layers, &lsh_dense_layers))
     return usage_error("bad value '%.*s' for %.*s", opt.lsh_dense_layers, "--lsh-dense-layers");
   try {
     // Orchestrated: prefill (exact attention) into the host cache the
     // orchestrator then decodes from; an LSH backend indexes it afterwards.
-    if (opt.attention == "lsh" && !orchestrated) {
+    if (whole_gpu) {
+      // No host caches: the GPU decoder holds them.
+    } else if (opt.attention == "lsh" && !orchestrated) {
       hm::LshKvAttentionOptions lo;
       lo.kv_dtype = opt.kv_dtype;
       lo.num_sequences = opt.batch;
@@ -458,6 +492,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: cannot allocate the KV caches: %s\n", e.what());
     return 1;
   }
+  // The host runner (prefill, and decode without the orchestrator); with
+  // cuda-dense it is not used, and stands on a one-token cache.
+  if (!attention)
+    attention = std::make_unique<hm::DenseKvAttention>(
+        cfg,
+        hm::DenseKvAttentionOptions{.kv_dtype = opt.kv_dtype,
+                                    .page_size = 16,
+                                    .num_sequences = 1,
+                                    .max_seq_len = 1,
+                                    .max_prefill_tokens = 1,
+                                    .precision = hattn::cpu::DenseDecode::Precision::kF32},
+        executor, isa);
   hm::LlamaRunner runner(model, *attention, executor);
   // --trace: every stage of every layer as a Chrome trace "complete" event
   // (open in chrome://tracing or ui.perfetto.dev).
@@ -486,7 +532,31 @@ int main(int argc, char** argv) {
   t0 = Clock::now();
   {
     Progress bar("prefill");
-    if (opt.prefill == "synthetic") {
+#if HATTN_WITH_CUDA
+    if (whole_gpu) {
+      if (opt.prefill == "synthetic") {
+        if (!check(gpu_decoder.synthetic_prefill(prompt_len, opt.seed), "synthetic prefill"))
+          return 1;
+        bar.update(1, 1);
+        for (int b = 0; b < opt.batch; ++b)
+          next[static_cast<std::size_t>(b)] = prompts[static_cast<std::size_t>(b)].back();
+      } else {
+        for (int b = 0; b < opt.batch; ++b) {
+          const auto& p = prompts[static_cast<std::size_t>(b)];
+          const std::int64_t base = b * prompt_len, total = opt.batch * prompt_len;
+          if (!check(gpu_decoder.prefill(
+                         b, p, opt.prefill_chunk, logits.data(),
+                         [&](std::int64_t d, std::int64_t) { bar.update(base + d, total); }),
+                     "prefill"))
+            return 1;
+          const std::int32_t tok = sampler.sample(std::span(logits.data(), vocab));
+          generated[static_cast<std::size_t>(b)].push_back(tok);
+          next[static_cast<std::size_t>(b)] = tok;
+        }
+      }
+    } else
+#endif
+        if (opt.prefill == "synthetic") {
       if (!check(
               runner.synthetic_prefill(prompt_len, opt.seed,
                                        [&](std::int64_t d, std::int64_t t) { bar.update(d, t); }),
@@ -527,16 +597,31 @@ int main(int argc, char** argv) {
     }
     const hattn::CpuExecutor& cex = compute_executor ? *compute_executor : executor;
     const hattn::CpuExecutor& aex = attention_executor ? *attention_executor : executor;
+    auto& prefilled = static_cast<hm::DenseKvAttention&>(*attention);
     std::string why;
-    if (!check(hm::OrchestratedRunner::create(model, static_cast<hm::DenseKvAttention&>(*attention),
-                                              oo, cex, aex, &orch, &why),
-               "starting the orchestrated decoder", why))
-      return 1;
+    hattn::Status st;
+#if HATTN_WITH_CUDA
+    if (gpu_compute) {
+      oo.pin_threads = false;  // the GPU computes; the CPU attention gets every thread
+      st = hm::create_cuda_orchestrated_runner(gpu_model, prefilled, oo, executor, &orch, &why);
+    } else
+#endif
+      st = hm::OrchestratedRunner::create(model, prefilled, oo, cex, aex, &orch, &why);
+    if (!check(st, "starting the orchestrated decoder", why)) return 1;
   }
   const double prefill_s = seconds_since(t0);
-  const hm::StageTimes prefill_times = runner.times();
+  hm::StageTimes prefill_times = runner.times();
   runner.reset_times();
+#if HATTN_WITH_CUDA
+  if (whole_gpu) {
+    prefill_times = gpu_decoder.times();
+    gpu_decoder.reset_times();
+  }
+#endif
   const auto decode_step = [&](std::span<const std::int32_t> tokens, float* out) {
+#if HATTN_WITH_CUDA
+    if (whole_gpu) return gpu_decoder.decode_step(tokens, out);
+#endif
     return orch ? orch->decode_step(tokens, out) : runner.decode_step(tokens, out);
   };
 
@@ -557,7 +642,10 @@ int main(int argc, char** argv) {
     }
   }
   const double decode_s = seconds_since(t0);
-  const hm::StageTimes dt = orch ? orch->times() : runner.times();
+  hm::StageTimes dt = orch ? orch->times() : runner.times();
+#if HATTN_WITH_CUDA
+  if (whole_gpu) dt = gpu_decoder.times();
+#endif
   const double compute_busy_s = orch ? orch->compute_busy_s() : 0.0;
   const double attention_busy_s = orch ? orch->attention_busy_s() : 0.0;
   const double orch_wall_s = orch ? orch->wall_s() : 0.0;
@@ -594,9 +682,15 @@ int main(int argc, char** argv) {
   const double decode_tok_s = decode_s > 0 && steps > 0 ? opt.batch * steps / decode_s : 0.0;
   // The LSH backend of the orchestrator keeps its own copy of the KV next to
   // the host cache (runtime/lsh_cpu_attention.hpp): counted with the KV.
-  const std::size_t kv_bytes = attention->kv_bytes() + (orch ? orch->backend_kv_bytes() : 0);
+  std::size_t kv_bytes = attention->kv_bytes() + (orch ? orch->backend_kv_bytes() : 0);
   const std::size_t index_bytes = orch ? orch->index_bytes() : attention->index_bytes();
   const char* attention_name = orch ? orch->attention_name() : attention->name();
+#if HATTN_WITH_CUDA
+  if (whole_gpu) {
+    kv_bytes = gpu_decoder.kv_bytes();
+    attention_name = gpu_decoder.name();
+  }
+#endif
   const double kv_gb = static_cast<double>(kv_bytes) / 1e9;
   const double index_gb = static_cast<double>(index_bytes) / 1e9;
   const double weights_gb = static_cast<double>(model.weight_bytes()) / 1e9;
@@ -694,6 +788,8 @@ int main(int argc, char** argv) {
         attention_executor ? attention_executor->concurrency() : total_threads, compute_busy_s,
         attention_busy_s, orch_wall_s,
         orch_wall_s > 0 ? (compute_busy_s + attention_busy_s) / orch_wall_s : 0.0);
+  } else if (whole_gpu) {
+    std::printf("pipeline  the whole decoder on GPU 0 (cuda-dense: no orchestrator)\n");
   } else {
     std::printf("pipeline  sequential runner (no orchestrator)\n");
   }

@@ -38,14 +38,19 @@
 #include <string>
 #include <vector>
 
+#include <memory>
 #include "common/catch_print.hpp"
 #include "common/check.hpp"
 #include "common/seed.hpp"
 #include "hattn/cpu/executor.hpp"
 #include "hattn/cuda/buffer.hpp"
+#include "hattn/model/attention.hpp"
 #include "hattn/model/cuda_decoder.hpp"
 #include "hattn/model/cuda_llama.hpp"
+#include "hattn/model/cuda_orchestrated_runner.hpp"
 #include "hattn/model/llama.hpp"
+#include "hattn/model/orchestrated_runner.hpp"
+#include "hattn/model/runner.hpp"
 #include "hattn/model/sampler.hpp"
 
 namespace {
@@ -423,4 +428,76 @@ TEST_CASE("cuda decoder: synthetic prefill, errors", "[cuda][model]") {
         StatusCode::kInvalidArgument);
   CHECK(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = DType::kF16}).code() ==
         StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("cuda orchestrated decode: GPU stages, CPU attention, fixtures match transformers",
+          "[cuda][model][orchestrated]") {
+  // Prefill on the host (LlamaRunner over DenseKvAttention, f32 KV), then
+  // decode through create_cuda_orchestrated_runner: CudaLlamaModel stages
+  // with f32 weights on CUDA streams, q/k/v through pinned ring slots to the
+  // CPU attention thread, the partial back by a stream memory wait. Three
+  // copies of the prompt in 1, 2 and 3 micro-batches, dense and LSH with
+  // sampling forced to every key: every sequence gives the oracle's logits
+  // (the CPU tests' f32 tolerance) and tokens.
+  for (const char* name : kFixtures) {
+    const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
+    const Expected e = read_expected(dir);
+    const hm::LlamaModel host = load_host(name);
+    hm::CudaLlamaModel dev;
+    REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = DType::kF32}).is_ok());
+    const auto vocab = static_cast<std::size_t>(host.config().vocab_size);
+    for (const int mbs : {1, 2, 3})
+      for (const bool lsh : {false, true}) {
+        INFO(name << ", " << mbs << " micro-batches, " << (lsh ? "lsh" : "dense"));
+        constexpr int kBatch = 3;
+        const hattn::CpuExecutor executor(2);
+        hm::DenseKvAttention kv(
+            host.config(),
+            {.kv_dtype = DType::kF32,
+             .page_size = 16,
+             .num_sequences = kBatch,
+             .max_seq_len = static_cast<std::int64_t>(e.prompt.size() + e.generated.size()),
+             .max_prefill_tokens = 64,
+             .precision = hattn::cpu::DenseDecode::Precision::kF32},
+            executor);
+        hm::LlamaRunner prefill(host, kv, executor);
+        std::vector<float> logits(kBatch * vocab);
+        for (int b = 0; b < kBatch; ++b)
+          REQUIRE(prefill.prefill(b, e.prompt, 64, logits.data() + b * vocab).is_ok());
+        hm::OrchestratedRunnerOptions o;
+        o.num_micro_batches = mbs;
+        if (lsh) {
+          o.attention = hm::CpuAttentionKind::kLsh;
+          o.lsh.sink = 1;
+          o.lsh.window = 2;
+          o.lsh.max_exact_tail = 4;
+          o.lsh.sample_all = true;
+        }
+        std::unique_ptr<hm::OrchestratedRunner> run;
+        std::string detail;
+        const hattn::Status s =
+            hm::create_cuda_orchestrated_runner(dev, kv, o, executor, &run, &detail);
+        INFO(detail);
+        REQUIRE(s.is_ok());
+        for (std::size_t step = 1; step < e.generated.size(); ++step) {
+          const std::vector<std::int32_t> feed(kBatch, e.generated[step - 1]);
+          REQUIRE(run->decode_step(feed, logits.data()).is_ok());
+          for (int b = 0; b < kBatch; ++b) {
+            const std::vector<float> got(
+                logits.begin() + static_cast<std::ptrdiff_t>(b * vocab),
+                logits.begin() + static_cast<std::ptrdiff_t>((b + 1) * vocab));
+            check_close("logits", to_double(got), e.logits[step], kF32Tolerance,
+                        std::string(name) + " step " + std::to_string(step));
+            CHECK(hm::argmax(got) == e.generated[step]);
+          }
+        }
+        CHECK(run->times().gemm_s > 0.0);
+        CHECK(run->attention_busy_s() > 0.0);
+        // A bad id is refused before anything runs.
+        const std::vector<std::int32_t> bad(kBatch, host.config().vocab_size);
+        const std::int64_t len = kv.seq_len(0, 0);
+        CHECK(run->decode_step(bad, logits.data()).code() == StatusCode::kInvalidArgument);
+        CHECK(kv.seq_len(0, 0) == len);
+      }
+  }
 }

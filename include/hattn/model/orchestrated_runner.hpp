@@ -102,7 +102,10 @@ class OrchestratedRunner {
   void set_sampling_stats(bool on) noexcept;
   double mean_sampled_fraction() const noexcept;
 
+  // The implementation (src/model/orchestrated_pipeline.hpp): one per compute
+  // device; model/cuda_orchestrated_runner.hpp makes the CUDA one.
   struct Impl;
+  static std::unique_ptr<OrchestratedRunner> from_impl(std::unique_ptr<Impl> impl);
 
  private:
   explicit OrchestratedRunner(std::unique_ptr<Impl> impl);
