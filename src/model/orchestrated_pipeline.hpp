@@ -153,14 +153,19 @@ struct Pipeline final : OrchestratedRunner::Impl {
     }
     const auto t0 = Clock::now();
     HATTN_RETURN_IF_ERROR(engine_.begin_step(tokens, positions_));
+    const auto t1 = Clock::now();
     runtime::Timeline& tl = orchestrator_.timeline();
     const std::size_t first = tl.size();
     const Status s = orchestrator_.step(seqs_, io_, stages_);
     account(tl, first);
     if (!opt_.record_timeline) tl.clear();
     HATTN_RETURN_IF_ERROR(s);
+    const auto t2 = Clock::now();
     HATTN_RETURN_IF_ERROR(engine_.finish_step(logits));
-    wall += std::chrono::duration<double>(Clock::now() - t0).count();
+    const auto t3 = Clock::now();
+    wall += std::chrono::duration<double>(t3 - t0).count();
+    // Embedding and logits are compute work too (outside the orchestrator).
+    compute_busy += std::chrono::duration<double>((t1 - t0) + (t3 - t2)).count();
     // The engine's split (read after the step: its streams are idle).
     const StageTimes e = engine_.engine_times();
     times.gemm_s = e.gemm_s - engine_base.gemm_s;
