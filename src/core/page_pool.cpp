@@ -15,7 +15,7 @@ namespace hattn {
 void HostPagePool::FreeDeleter::operator()(std::byte* p) const noexcept { std::free(p); }
 
 namespace {
-std::byte* alloc_pool(std::size_t bytes) {
+std::byte* alloc_pool(std::size_t bytes, bool prefault) {
   constexpr std::size_t kAlign = 2u << 20;  // 2 MiB: lets the kernel back it with huge pages
   const std::size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   void* p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
@@ -24,6 +24,7 @@ std::byte* alloc_pool(std::size_t bytes) {
   // Streaming the KV touches every byte once per step: fewer TLB misses help.
   (void)madvise(p, rounded, MADV_HUGEPAGE);
 #endif
+  if (prefault) std::memset(p, 0, rounded);
   return static_cast<std::byte*>(p);
 }
 }  // namespace
@@ -34,8 +35,8 @@ HostPagePool::HostPagePool(const PagePoolOptions& o) : opt_(o) {
   if (o.num_pages > INT32_MAX) throw std::invalid_argument("HostPagePool: too many pages");
   strides_ = packed_strides(o.layout, o.page_size, o.num_kv_heads, o.head_dim);
   const std::size_t bytes = page_bytes() * static_cast<std::size_t>(o.num_pages);
-  k_.reset(alloc_pool(bytes));
-  v_.reset(alloc_pool(bytes));
+  k_.reset(alloc_pool(bytes, o.prefault));
+  v_.reset(alloc_pool(bytes, o.prefault));
   free_.resize(static_cast<std::size_t>(o.num_pages));
   // Hand out low page numbers first.
   for (std::int64_t i = 0; i < o.num_pages; ++i)

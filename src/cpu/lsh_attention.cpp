@@ -192,6 +192,7 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
     po.page_size = s.page_size;
     po.num_pages = (s.max_tokens + s.page_size - 1) / s.page_size + s.max_sequences;
     po.layout = KvLayout::kHND;
+    po.prefault = true;  // appends during decode must not pay first-touch faults
     a->impl_ = std::make_unique<Impl>(po);
     Impl& im = *a->impl_;
     if (config.projection == LshConfig::Projection::kShared) {

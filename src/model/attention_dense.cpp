@@ -21,7 +21,8 @@ PagePoolOptions pool_options(const LlamaConfig& config, const DenseKvAttentionOp
           .head_dim = config.head_dim,
           .page_size = o.page_size,
           .num_pages = pages_per_seq * o.num_sequences,
-          .layout = KvLayout::kHND};
+          .layout = KvLayout::kHND,
+          .prefault = true};  // decode steps must not pay first-touch faults
 }
 
 }  // namespace

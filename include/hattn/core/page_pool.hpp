@@ -22,6 +22,11 @@ struct PagePoolOptions {
   std::int32_t page_size = 16;
   std::int64_t num_pages = 0;
   KvLayout layout = KvLayout::kHND;
+  // Touch every page at construction, so no decode step pays the page faults
+  // (a huge page first touched mid-decode costs milliseconds: zeroing, and
+  // compaction when the kernel must assemble one). Memory is then committed
+  // up front, as a preallocated KV cache is.
+  bool prefault = false;
 };
 
 // The host-side page table of one batch, in the layout PagedKvView reads.
