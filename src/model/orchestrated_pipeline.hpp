@@ -145,6 +145,10 @@ struct Pipeline final : OrchestratedRunner::Impl {
     for (const std::int32_t t : tokens)  // before anything runs: a bad id appends nothing
       if (t < 0 || t >= config_.vocab_size)
         return {StatusCode::kInvalidArgument, "decode_step: token id outside the vocabulary"};
+    // A failed step may have left its KV appends for the next step() to undo:
+    // finish that first, so the positions below are this step's.
+    HATTN_RETURN_IF_ERROR(
+        orchestrator_.wait_idle(runtime::deadline_after(std::chrono::minutes(10))));
     for (std::size_t b = 0; b < seqs_.size(); ++b)
       positions_[b] = cache_.seq_len(0, seqs_[b]);  // this step's token goes there
     if (reset_engine_times) {

@@ -436,9 +436,11 @@ TEST_CASE("cuda orchestrated decode: GPU stages, CPU attention, fixtures match t
   // decode through create_cuda_orchestrated_runner: CudaLlamaModel stages
   // with f32 weights on CUDA streams, q/k/v through pinned ring slots to the
   // CPU attention thread, the partial back by a stream memory wait. Three
-  // copies of the prompt in 1, 2 and 3 micro-batches, dense and LSH with
-  // sampling forced to every key: every sequence gives the oracle's logits
-  // (the CPU tests' f32 tolerance) and tokens.
+  // sequences of different lengths (the fixture's prompt, and two shorter
+  // prefixes of it) in 1, 2 and 3 micro-batches, dense and LSH with sampling
+  // forced to every key. Sequence 0 must give the oracle's logits and tokens;
+  // every sequence must give what the host runner gives for it on an
+  // identical cache (so a row or position mix-up between sequences fails).
   for (const char* name : kFixtures) {
     const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
     const Expected e = read_expected(dir);
@@ -446,24 +448,43 @@ TEST_CASE("cuda orchestrated decode: GPU stages, CPU attention, fixtures match t
     hm::CudaLlamaModel dev;
     REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = DType::kF32}).is_ok());
     const auto vocab = static_cast<std::size_t>(host.config().vocab_size);
+    constexpr int kBatch = 3;
+    std::vector<std::vector<std::int32_t>> prompts;
+    for (int b = 0; b < kBatch; ++b) prompts.emplace_back(e.prompt.begin(), e.prompt.end() - 3 * b);
+    const hattn::CpuExecutor executor(2);
+    const auto make_cache = [&] {
+      auto kv = std::make_unique<hm::DenseKvAttention>(
+          host.config(),
+          hm::DenseKvAttentionOptions{
+              .kv_dtype = DType::kF32,
+              .page_size = 16,
+              .num_sequences = kBatch,
+              .max_seq_len = static_cast<std::int64_t>(e.prompt.size() + e.generated.size()),
+              .max_prefill_tokens = 64,
+              .precision = hattn::cpu::DenseDecode::Precision::kF32},
+          executor);
+      hm::LlamaRunner prefill(host, *kv, executor);
+      std::vector<float> last(vocab);
+      for (int b = 0; b < kBatch; ++b)
+        REQUIRE(prefill.prefill(b, prompts[static_cast<std::size_t>(b)], 64, last.data()).is_ok());
+      return kv;
+    };
+    // The host runner's logits for the same feeds.
+    std::vector<std::vector<float>> want;
+    {
+      auto kv = make_cache();
+      hm::LlamaRunner runner(host, *kv, executor);
+      std::vector<float> logits(kBatch * vocab);
+      for (std::size_t step = 1; step < e.generated.size(); ++step) {
+        const std::vector<std::int32_t> feed(kBatch, e.generated[step - 1]);
+        REQUIRE(runner.decode_step(feed, logits.data()).is_ok());
+        want.push_back(logits);
+      }
+    }
     for (const int mbs : {1, 2, 3})
       for (const bool lsh : {false, true}) {
         INFO(name << ", " << mbs << " micro-batches, " << (lsh ? "lsh" : "dense"));
-        constexpr int kBatch = 3;
-        const hattn::CpuExecutor executor(2);
-        hm::DenseKvAttention kv(
-            host.config(),
-            {.kv_dtype = DType::kF32,
-             .page_size = 16,
-             .num_sequences = kBatch,
-             .max_seq_len = static_cast<std::int64_t>(e.prompt.size() + e.generated.size()),
-             .max_prefill_tokens = 64,
-             .precision = hattn::cpu::DenseDecode::Precision::kF32},
-            executor);
-        hm::LlamaRunner prefill(host, kv, executor);
-        std::vector<float> logits(kBatch * vocab);
-        for (int b = 0; b < kBatch; ++b)
-          REQUIRE(prefill.prefill(b, e.prompt, 64, logits.data() + b * vocab).is_ok());
+        auto kv = make_cache();
         hm::OrchestratedRunnerOptions o;
         o.num_micro_batches = mbs;
         if (lsh) {
@@ -476,28 +497,29 @@ TEST_CASE("cuda orchestrated decode: GPU stages, CPU attention, fixtures match t
         std::unique_ptr<hm::OrchestratedRunner> run;
         std::string detail;
         const hattn::Status s =
-            hm::create_cuda_orchestrated_runner(dev, kv, o, executor, &run, &detail);
+            hm::create_cuda_orchestrated_runner(dev, *kv, o, executor, &run, &detail);
         INFO(detail);
         REQUIRE(s.is_ok());
+        std::vector<float> logits(kBatch * vocab);
         for (std::size_t step = 1; step < e.generated.size(); ++step) {
           const std::vector<std::int32_t> feed(kBatch, e.generated[step - 1]);
           REQUIRE(run->decode_step(feed, logits.data()).is_ok());
-          for (int b = 0; b < kBatch; ++b) {
-            const std::vector<float> got(
-                logits.begin() + static_cast<std::ptrdiff_t>(b * vocab),
-                logits.begin() + static_cast<std::ptrdiff_t>((b + 1) * vocab));
-            check_close("logits", to_double(got), e.logits[step], kF32Tolerance,
-                        std::string(name) + " step " + std::to_string(step));
-            CHECK(hm::argmax(got) == e.generated[step]);
-          }
+          const std::string ctx = std::string(name) + " step " + std::to_string(step);
+          check_close("logits vs host runner", to_double(logits), to_double(want[step - 1]),
+                      kF32Tolerance, ctx);
+          const std::vector<float> first(logits.begin(),
+                                         logits.begin() + static_cast<std::ptrdiff_t>(vocab));
+          check_close("logits vs transformers", to_double(first), e.logits[step], kF32Tolerance,
+                      ctx);
+          CHECK(hm::argmax(first) == e.generated[step]);
         }
         CHECK(run->times().gemm_s > 0.0);
         CHECK(run->attention_busy_s() > 0.0);
         // A bad id is refused before anything runs.
         const std::vector<std::int32_t> bad(kBatch, host.config().vocab_size);
-        const std::int64_t len = kv.seq_len(0, 0);
+        const std::int64_t len = kv->seq_len(0, 0);
         CHECK(run->decode_step(bad, logits.data()).code() == StatusCode::kInvalidArgument);
-        CHECK(kv.seq_len(0, 0) == len);
+        CHECK(kv->seq_len(0, 0) == len);
       }
   }
 }

@@ -83,7 +83,7 @@ class CudaDenseDecoder {
   // Bytes of K and V in the pages the sequences use (as DenseKvAttention
   // counts), and the bytes allocated for the caches.
   std::size_t kv_bytes() const noexcept;
-  std::size_t kv_capacity_bytes() const noexcept { return 2 * pages_.size() * layer_bytes_; }
+  std::size_t kv_capacity_bytes() const noexcept { return pages_.size() * layer_bytes_; }
   // Device bytes of everything else the decoder allocated (activations,
   // scratch, workspace, tables).
   std::size_t buffer_bytes() const noexcept;

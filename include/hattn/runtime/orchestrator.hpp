@@ -406,7 +406,9 @@ class DecodeOrchestrator {
   // hand-off from the CPU thread to the compute stream wakes only the thread
   // that is about to work, and this thread runs ahead until the ring is full.
   Status issue_back(std::int32_t layer, std::int32_t m) {
-    const std::int64_t pos = next_response_++;
+    // Counted as answered-and-released only once the release is queued: if a
+    // call before it fails, drain() still waits for the slot and frees it.
+    const std::int64_t pos = next_response_;
     const bool split = split_[static_cast<std::size_t>(layer * mbs_ + m)] != 0;
     const SlotShape& sh = opt_.slot;
     const SlotBuffers sb = ring_.buffers(pos);
@@ -430,6 +432,7 @@ class DecodeOrchestrator {
     HATTN_RETURN_IF_ERROR(compute_.copy(lse2, sb.lse2, sizeof(float) * n * sh.num_q_heads));
     HATTN_RETURN_IF_ERROR(mark_end(compute_, Phase::kCopyToDevice, layer, m));
     HATTN_RETURN_IF_ERROR(compute_.host_fn([this, pos] { ring_.release(pos); }));
+    ++next_response_;
     if (split) {
       const auto b = static_cast<std::int32_t>(n);
       const std::int32_t H = sh.num_q_heads, D = sh.head_dim;

@@ -62,6 +62,8 @@ struct CudaEngine {
   }
 
   Status begin_step(std::span<const std::int32_t> ids, std::span<const std::int64_t> pos) {
+    // The calling thread may have another device current.
+    HATTN_RETURN_IF_ERROR(cuda::cuda_status(cudaSetDevice(model.device())));
     const cudaStream_t s = compute.handle();
     auto* h_tokens = static_cast<std::int32_t*>(host_inputs.data());
     auto* h_positions = reinterpret_cast<std::int64_t*>(h_tokens + batch);
@@ -101,6 +103,8 @@ struct CudaEngine {
                          scratch, s, &timer);
   }
 
+  // The step's KV appends are kept by now: after the logits are computed,
+  // only a failure to get them back is an error (the timer's is not).
   Status finish_step(float* host) {
     const LlamaConfig& c = model.config();
     const cudaStream_t s = compute.handle();
@@ -110,16 +114,19 @@ struct CudaEngine {
     HATTN_RETURN_IF_ERROR(cuda::cuda_status(
         cudaMemcpyAsync(host_logits.data(), logits.data(), n, cudaMemcpyDeviceToHost, s)));
     timer.mark(s, Stage::kCopies);
-    StageTimes t;
-    HATTN_RETURN_IF_ERROR(timer.collect(&t));  // waits for the stream
-    HATTN_RETURN_IF_ERROR(model.device_errors(s));
+    HATTN_RETURN_IF_ERROR(cuda::cuda_status(cudaStreamSynchronize(s)));
     std::memcpy(host, host_logits.data(), n);
-    // The attention marks are the stream's waits; the CPU thread's time is
-    // counted from the orchestrator's timeline instead.
-    times.gemm_s += t.gemm_s;
-    times.other_s += t.other_s;
-    times.copies_s += t.copies_s;
-    return Status::ok();
+    StageTimes t;
+    if (timer.collect(&t)) {
+      // The attention marks are the stream's waits; the CPU thread's time is
+      // counted from the orchestrator's timeline instead.
+      times.gemm_s += t.gemm_s;
+      times.other_s += t.other_s;
+      times.copies_s += t.copies_s;
+    }
+    // Token ids were checked on the host before the step; this only catches
+    // what that missed.
+    return model.device_errors(s);
   }
   StageTimes engine_times() const noexcept { return times; }
 
