@@ -376,15 +376,33 @@ TEST_CASE("cuda decoder: batched decode equals one-sequence decode", "[cuda][mod
   const auto vocab = static_cast<std::size_t>(host.config().vocab_size);
   const std::vector<std::int32_t> other = {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19};
   std::vector<float> logits(2 * vocab), last(vocab);
-  // Sequence 1 first: sequence 0's pages follow nothing it wrote.
-  REQUIRE(decoder.prefill(1, other, 4, last.data()).is_ok());
+  // Sequence 0 first: a stray write of sequence 1's prefill into its pages
+  // would then not be overwritten.
   REQUIRE(decoder.prefill(0, e.prompt, 64, last.data()).is_ok());  // cut to chunks of 8
   check_close("prefill logits", to_double(last), e.logits[0], kF32Tolerance, "batched");
+  REQUIRE(decoder.prefill(1, other, 4, last.data()).is_ok());
   const std::int32_t feed[] = {e.generated[0], 3};
   REQUIRE(decoder.decode_step(feed, logits.data()).is_ok());
   const std::vector<float> first(logits.begin(),
                                  logits.begin() + static_cast<std::ptrdiff_t>(vocab));
   check_close("logits", to_double(first), e.logits[1], kF32Tolerance, "batched");
+  // Sequence 1 against the same sequence decoded alone.
+  hm::CudaDenseDecoder alone;
+  REQUIRE(hm::CudaDenseDecoder::create(dev,
+                                       {.num_sequences = 1,
+                                        .max_seq_len = 40,
+                                        .max_prefill_tokens = 8,
+                                        .kv_dtype = DType::kF32,
+                                        .page_size = 4},
+                                       &alone)
+              .is_ok());
+  std::vector<float> solo(vocab);
+  REQUIRE(alone.prefill(0, other, 4, last.data()).is_ok());
+  const std::int32_t feed1[] = {3};
+  REQUIRE(alone.decode_step(feed1, solo.data()).is_ok());
+  const std::vector<float> second(logits.begin() + static_cast<std::ptrdiff_t>(vocab),
+                                  logits.end());
+  check_close("logits of sequence 1", to_double(second), to_double(solo), kF32Tolerance, "batched");
   CHECK(decoder.seq_len(0) == static_cast<std::int64_t>(e.prompt.size()) + 1);
   CHECK(decoder.seq_len(1) == static_cast<std::int64_t>(other.size()) + 1);
 }
@@ -441,85 +459,93 @@ TEST_CASE("cuda orchestrated decode: GPU stages, CPU attention, fixtures match t
   // forced to every key. Sequence 0 must give the oracle's logits and tokens;
   // every sequence must give what the host runner gives for it on an
   // identical cache (so a row or position mix-up between sequences fails).
-  for (const char* name : kFixtures) {
-    const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
-    const Expected e = read_expected(dir);
-    const hm::LlamaModel host = load_host(name);
-    hm::CudaLlamaModel dev;
-    REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = DType::kF32}).is_ok());
-    const auto vocab = static_cast<std::size_t>(host.config().vocab_size);
-    constexpr int kBatch = 3;
-    std::vector<std::vector<std::int32_t>> prompts;
-    for (int b = 0; b < kBatch; ++b) prompts.emplace_back(e.prompt.begin(), e.prompt.end() - 3 * b);
-    const hattn::CpuExecutor executor(2);
-    const auto make_cache = [&] {
-      auto kv = std::make_unique<hm::DenseKvAttention>(
-          host.config(),
-          hm::DenseKvAttentionOptions{
-              .kv_dtype = DType::kF32,
-              .page_size = 16,
-              .num_sequences = kBatch,
-              .max_seq_len = static_cast<std::int64_t>(e.prompt.size() + e.generated.size()),
-              .max_prefill_tokens = 64,
-              .precision = hattn::cpu::DenseDecode::Precision::kF32},
-          executor);
-      hm::LlamaRunner prefill(host, *kv, executor);
-      std::vector<float> last(vocab);
+  // Again with bf16 weights and a bf16 KV cache (2-byte k/v rows through the
+  // ring): against the host runner with the bf16 tolerance of the stage tests.
+  for (const DType dt : {DType::kF32, DType::kBF16})
+    for (const char* name : kFixtures) {
+      const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
+      const Expected e = read_expected(dir);
+      const hm::LlamaModel host = load_host(name);
+      hm::CudaLlamaModel dev;
+      REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = dt}).is_ok());
+      const auto vocab = static_cast<std::size_t>(host.config().vocab_size);
+      constexpr int kBatch = 3;
+      std::vector<std::vector<std::int32_t>> prompts;
       for (int b = 0; b < kBatch; ++b)
-        REQUIRE(prefill.prefill(b, prompts[static_cast<std::size_t>(b)], 64, last.data()).is_ok());
-      return kv;
-    };
-    // The host runner's logits for the same feeds.
-    std::vector<std::vector<float>> want;
-    {
-      auto kv = make_cache();
-      hm::LlamaRunner runner(host, *kv, executor);
-      std::vector<float> logits(kBatch * vocab);
-      for (std::size_t step = 1; step < e.generated.size(); ++step) {
-        const std::vector<std::int32_t> feed(kBatch, e.generated[step - 1]);
-        REQUIRE(runner.decode_step(feed, logits.data()).is_ok());
-        want.push_back(logits);
-      }
-    }
-    for (const int mbs : {1, 2, 3})
-      for (const bool lsh : {false, true}) {
-        INFO(name << ", " << mbs << " micro-batches, " << (lsh ? "lsh" : "dense"));
+        prompts.emplace_back(e.prompt.begin(), e.prompt.end() - 3 * b);
+      const hattn::CpuExecutor executor(2);
+      const auto make_cache = [&] {
+        auto kv = std::make_unique<hm::DenseKvAttention>(
+            host.config(),
+            hm::DenseKvAttentionOptions{
+                .kv_dtype = dt,
+                .page_size = 16,
+                .num_sequences = kBatch,
+                .max_seq_len = static_cast<std::int64_t>(e.prompt.size() + e.generated.size()),
+                .max_prefill_tokens = 64,
+                .precision = hattn::cpu::DenseDecode::Precision::kF32},
+            executor);
+        hm::LlamaRunner prefill(host, *kv, executor);
+        std::vector<float> last(vocab);
+        for (int b = 0; b < kBatch; ++b)
+          REQUIRE(
+              prefill.prefill(b, prompts[static_cast<std::size_t>(b)], 64, last.data()).is_ok());
+        return kv;
+      };
+      // The host runner's logits for the same feeds.
+      std::vector<std::vector<float>> want;
+      {
         auto kv = make_cache();
-        hm::OrchestratedRunnerOptions o;
-        o.num_micro_batches = mbs;
-        if (lsh) {
-          o.attention = hm::CpuAttentionKind::kLsh;
-          o.lsh.sink = 1;
-          o.lsh.window = 2;
-          o.lsh.max_exact_tail = 4;
-          o.lsh.sample_all = true;
-        }
-        std::unique_ptr<hm::OrchestratedRunner> run;
-        std::string detail;
-        const hattn::Status s =
-            hm::create_cuda_orchestrated_runner(dev, *kv, o, executor, &run, &detail);
-        INFO(detail);
-        REQUIRE(s.is_ok());
+        hm::LlamaRunner runner(host, *kv, executor);
         std::vector<float> logits(kBatch * vocab);
         for (std::size_t step = 1; step < e.generated.size(); ++step) {
           const std::vector<std::int32_t> feed(kBatch, e.generated[step - 1]);
-          REQUIRE(run->decode_step(feed, logits.data()).is_ok());
-          const std::string ctx = std::string(name) + " step " + std::to_string(step);
-          check_close("logits vs host runner", to_double(logits), to_double(want[step - 1]),
-                      kF32Tolerance, ctx);
-          const std::vector<float> first(logits.begin(),
-                                         logits.begin() + static_cast<std::ptrdiff_t>(vocab));
-          check_close("logits vs transformers", to_double(first), e.logits[step], kF32Tolerance,
-                      ctx);
-          CHECK(hm::argmax(first) == e.generated[step]);
+          REQUIRE(runner.decode_step(feed, logits.data()).is_ok());
+          want.push_back(logits);
         }
-        CHECK(run->times().gemm_s > 0.0);
-        CHECK(run->attention_busy_s() > 0.0);
-        // A bad id is refused before anything runs.
-        const std::vector<std::int32_t> bad(kBatch, host.config().vocab_size);
-        const std::int64_t len = kv->seq_len(0, 0);
-        CHECK(run->decode_step(bad, logits.data()).code() == StatusCode::kInvalidArgument);
-        CHECK(kv->seq_len(0, 0) == len);
       }
-  }
+      for (const int mbs : {1, 2, 3})
+        for (const bool lsh : {false, true}) {
+          INFO(name << ", " << mbs << " micro-batches, " << (lsh ? "lsh" : "dense") << ", "
+                    << hattn::to_string(dt) << " weights and KV");
+          auto kv = make_cache();
+          hm::OrchestratedRunnerOptions o;
+          o.num_micro_batches = mbs;
+          if (lsh) {
+            o.attention = hm::CpuAttentionKind::kLsh;
+            o.lsh.sink = 1;
+            o.lsh.window = 2;
+            o.lsh.max_exact_tail = 4;
+            o.lsh.sample_all = true;
+          }
+          std::unique_ptr<hm::OrchestratedRunner> run;
+          std::string detail;
+          const hattn::Status s =
+              hm::create_cuda_orchestrated_runner(dev, *kv, o, executor, &run, &detail);
+          INFO(detail);
+          REQUIRE(s.is_ok());
+          std::vector<float> logits(kBatch * vocab);
+          for (std::size_t step = 1; step < e.generated.size(); ++step) {
+            const std::vector<std::int32_t> feed(kBatch, e.generated[step - 1]);
+            REQUIRE(run->decode_step(feed, logits.data()).is_ok());
+            const std::string ctx = std::string(name) + " step " + std::to_string(step);
+            const std::vector<double> ref = to_double(want[step - 1]);
+            check_close("logits vs host runner", to_double(logits), ref, tolerance_for(dt, ref),
+                        ctx);
+            if (dt != DType::kF32) continue;  // bf16: the oracle's margins are not kept
+            const std::vector<float> first(logits.begin(),
+                                           logits.begin() + static_cast<std::ptrdiff_t>(vocab));
+            check_close("logits vs transformers", to_double(first), e.logits[step], kF32Tolerance,
+                        ctx);
+            CHECK(hm::argmax(first) == e.generated[step]);
+          }
+          CHECK(run->times().gemm_s > 0.0);
+          CHECK(run->attention_busy_s() > 0.0);
+          // A bad id is refused before anything runs.
+          const std::vector<std::int32_t> bad(kBatch, host.config().vocab_size);
+          const std::int64_t len = kv->seq_len(0, 0);
+          CHECK(run->decode_step(bad, logits.data()).code() == StatusCode::kInvalidArgument);
+          CHECK(kv->seq_len(0, 0) == len);
+        }
+    }
 }
