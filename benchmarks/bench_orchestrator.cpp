@@ -5,7 +5,9 @@
 // arena on the other. The MLP depth is calibrated once so that compute takes
 // about as long as attention.
 //
-// Cases orchestrator/host/mb:<m>, m in {1, 2, 4}. Counters, in ms per step:
+// Cases orchestrator/host/mb:<m>, m in {1, 2, 4}, and
+// orchestrator/host/concurrent_bound (what the machine allows; see there).
+// Counters, in ms per step:
 //   step_ms             an orchestrated step (wall time)
 //   compute_ms          the stages alone, run in sequence on one thread
 //   attention_ms        the CPU attention alone (page tables + backend), one thread
@@ -16,6 +18,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -263,7 +266,64 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
   state.counters["pinned"] = pin ? 1 : 0;
 }
 
+// What the machine allows, with no orchestrator: the stages (mb:2 split) on
+// CPU 0 and the CPU attention on CPU 1 at the same time, each in its own loop
+// started together, against each alone. If running side by side slows them,
+// no schedule can reach overlap 1: overlap_bound = max(compute_ms,
+// attention_ms) / max(compute_concurrent_ms, attention_concurrent_ms) is the
+// ceiling an orchestrated mb:2 step can reach here (with perfect pipelining
+// and no fill/drain).
+void BM_concurrent_bound(benchmark::State& state) {
+  const std::int32_t reps = calibrated_mlp_reps();
+  auto kv = make_cache();
+  if (!kv || std::thread::hardware_concurrency() < 2) {
+    state.SkipWithError("needs the KV cache and 2 CPUs");
+    return;
+  }
+  hattn_examples::GemmModel model(model_config(2, reps), 7);
+  hattn::CpuExecutor executor(1);
+  std::vector<double> c_alone, a_alone, c_conc, a_conc;
+  for (auto _ : state) {
+    c_alone.push_back(compute_alone_ms(model, 2, 1));
+    a_alone.push_back(attention_alone_ms(*kv, 2, executor, 1));
+    std::atomic<int> ready{0};
+    double c = 0.0, a = 0.0;
+    const auto start = [&ready] {
+      ready.fetch_add(1);
+      while (ready.load() < 2) {
+      }
+    };
+    std::thread tc([&] {
+      (void)rt::pin_this_thread(0);
+      start();
+      c = compute_alone_ms(model, 2, 1);
+    });
+    std::thread ta([&] {
+      (void)rt::pin_this_thread(1);
+      start();
+      a = attention_alone_ms(*kv, 2, executor, 1);
+    });
+    tc.join();
+    ta.join();
+    c_conc.push_back(c);
+    a_conc.push_back(a);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double ca = median(c_alone), aa = median(a_alone), cc = median(c_conc), ac = median(a_conc);
+  state.counters["compute_ms"] = ca;
+  state.counters["attention_ms"] = aa;
+  state.counters["compute_concurrent_ms"] = cc;
+  state.counters["attention_concurrent_ms"] = ac;
+  state.counters["overlap_bound"] = std::max(ca, aa) / std::max(cc, ac);
+  state.counters["mlp_reps"] = reps;
+}
+
 const bool registered = [] {
+  benchmark::RegisterBenchmark("orchestrator/host/concurrent_bound", BM_concurrent_bound)
+      ->Unit(benchmark::kMillisecond);
   for (std::int32_t m : {1, 2, 4})
     benchmark::RegisterBenchmark(("orchestrator/host/mb:" + std::to_string(m)).c_str(),
                                  BM_orchestrator_host, m)

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/check.hpp"
+#include "common/llama_fixture.hpp"
 #include "hattn/cpu/executor.hpp"
 #include "hattn/cpu/isa.hpp"
 #include "hattn/model/attention.hpp"
@@ -38,27 +39,14 @@
 
 namespace {
 
+using Expected = hattn_test::LlamaExpected;
+using hattn_test::read_llama_expected;
+constexpr const auto& kFixtures = hattn_test::kLlamaFixtures;
+
 namespace fs = std::filesystem;
 namespace hm = hattn::model;
 
 constexpr hattn_test::Tolerance kLogitTolerance{1e-4, 1e-4, 1e-9};
-
-struct Expected {
-  std::vector<std::int32_t> prompt;
-  std::vector<std::int32_t> generated;
-  std::vector<std::vector<double>> logits;
-};
-
-Expected read_expected(const fs::path& dir) {
-  std::ifstream in(dir / "expected.json");
-  REQUIRE(in);
-  const nlohmann::json j = nlohmann::json::parse(in);
-  Expected e;
-  e.prompt = j.at("prompt").get<std::vector<std::int32_t>>();
-  e.generated = j.at("generated").get<std::vector<std::int32_t>>();
-  e.logits = j.at("logits").get<std::vector<std::vector<double>>>();
-  return e;
-}
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
@@ -121,7 +109,7 @@ void run_fixture(const std::string& name, std::int64_t chunk, hattn::CpuIsa isa,
                  const AttentionFactory& make_attention,
                  const std::function<void(const hm::KvAttention&)>& after = {}) {
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
-  const Expected e = read_expected(dir);
+  const Expected e = read_llama_expected(dir);
   hm::LlamaModel model;
   std::string detail;
   INFO("fixture " << name << ", prefill chunk " << chunk << ", ISA " << hattn::to_string(isa)
@@ -173,7 +161,7 @@ void check_indexed(const hm::LshKvAttention& a, int num_layers) {
 // later steps sample the indexed keys and are reported, not asserted.
 void report_lsh_agreement(const std::string& name, int K, int L) {
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
-  const Expected e = read_expected(dir);
+  const Expected e = read_llama_expected(dir);
   hm::LlamaModel model;
   REQUIRE(hm::LlamaModel::load(dir, &model).is_ok());
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
@@ -212,8 +200,6 @@ void report_lsh_agreement(const std::string& name, int K, int L) {
       K, L, name.c_str(), agree, e.generated.size(), max_diff, st.mean_fraction(),
       static_cast<long long>(st.queries));
 }
-
-const char* const kFixtures[] = {"mha_f32", "gqa_llama3_tied_bf16", "gqa8_sharded_f16"};
 
 }  // namespace
 
@@ -278,7 +264,7 @@ TEST_CASE("model: batched decode equals one-sequence decode", "[model]") {
   // Two sequences with different prompts decoded together give each the
   // logits it gets alone (attention is per sequence; GEMMs are row-wise).
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / "gqa_llama3_tied_bf16";
-  const Expected e = read_expected(dir);
+  const Expected e = read_llama_expected(dir);
   hm::LlamaModel model;
   REQUIRE(hm::LlamaModel::load(dir, &model).is_ok());
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
@@ -309,7 +295,7 @@ TEST_CASE("model: batched decode equals one-sequence decode", "[model]") {
 TEST_CASE("model: lsh attention continues a prompt after indexing, indexes lazily",
           "[model][lsh]") {
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / "gqa_llama3_tied_bf16";
-  const Expected e = read_expected(dir);
+  const Expected e = read_llama_expected(dir);
   hm::LlamaModel model;
   REQUIRE(hm::LlamaModel::load(dir, &model).is_ok());
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/check.hpp"
+#include "common/llama_fixture.hpp"
 #include "hattn/cpu/executor.hpp"
 #include "hattn/model/attention.hpp"
 #include "hattn/model/llama.hpp"
@@ -26,27 +27,14 @@
 
 namespace {
 
+using Expected = hattn_test::LlamaExpected;
+using hattn_test::read_llama_expected;
+constexpr const auto& kFixtures = hattn_test::kLlamaFixtures;
+
 namespace fs = std::filesystem;
 namespace hm = hattn::model;
 
 constexpr hattn_test::Tolerance kLogitTolerance{1e-4, 1e-4, 1e-9};
-const char* const kFixtures[] = {"mha_f32", "gqa_llama3_tied_bf16", "gqa8_sharded_f16"};
-
-struct Expected {
-  std::vector<std::int32_t> prompt;
-  std::vector<std::int32_t> generated;
-  std::vector<std::vector<double>> logits;
-};
-
-Expected read_expected(const fs::path& dir) {
-  std::ifstream in(dir / "expected.json");
-  REQUIRE(in);
-  const nlohmann::json j = nlohmann::json::parse(in);
-  return {j.at("prompt").get<std::vector<std::int32_t>>(),
-          j.at("generated").get<std::vector<std::int32_t>>(),
-          j.at("logits").get<std::vector<std::vector<double>>>()};
-}
-
 hm::DenseKvAttentionOptions kv_options(std::int32_t seqs, std::int64_t max_len,
                                        hattn::DType dtype = hattn::DType::kF32) {
   return {.kv_dtype = dtype,
@@ -76,7 +64,7 @@ hm::OrchestratedRunnerOptions lsh_options(std::int32_t mbs, std::vector<std::int
 void run_fixture(const std::string& name, std::int32_t batch,
                  const hm::OrchestratedRunnerOptions& options, bool two_executors) {
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
-  const Expected e = read_expected(dir);
+  const Expected e = read_llama_expected(dir);
   hm::LlamaModel model;
   REQUIRE(hm::LlamaModel::load(dir, &model).is_ok());
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);

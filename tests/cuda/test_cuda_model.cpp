@@ -41,6 +41,7 @@
 #include <memory>
 #include "common/catch_print.hpp"
 #include "common/check.hpp"
+#include "common/llama_fixture.hpp"
 #include "common/seed.hpp"
 #include "hattn/cpu/executor.hpp"
 #include "hattn/cuda/buffer.hpp"
@@ -55,6 +56,10 @@
 
 namespace {
 
+using Expected = hattn_test::LlamaExpected;
+using hattn_test::read_llama_expected;
+constexpr const auto& kFixtures = hattn_test::kLlamaFixtures;
+
 namespace fs = std::filesystem;
 namespace hm = hattn::model;
 using hattn::DType;
@@ -67,25 +72,6 @@ constexpr double kBf16RmsFraction = 0.08;
 constexpr double kBf16Nmse = 5e-4;
 constexpr double kBf16RoundRtol = 1.0 / 256.0;
 constexpr double kBf16RoundNmse = 5e-5;
-
-const char* const kFixtures[] = {"mha_f32", "gqa_llama3_tied_bf16", "gqa8_sharded_f16"};
-
-struct Expected {
-  std::vector<std::int32_t> prompt;
-  std::vector<std::int32_t> generated;
-  std::vector<std::vector<double>> logits;
-};
-
-Expected read_expected(const fs::path& dir) {
-  std::ifstream in(dir / "expected.json");
-  REQUIRE(in);
-  const nlohmann::json j = nlohmann::json::parse(in);
-  Expected e;
-  e.prompt = j.at("prompt").get<std::vector<std::int32_t>>();
-  e.generated = j.at("generated").get<std::vector<std::int32_t>>();
-  e.logits = j.at("logits").get<std::vector<std::vector<double>>>();
-  return e;
-}
 
 double rms(const std::vector<double>& v) {
   double s = 0.0;
@@ -150,7 +136,7 @@ void check_stages(const std::string& name, DType weights, std::int64_t pos0) {
   hm::CudaLlamaModel dev;
   REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = weights}).is_ok());
   CHECK(dev.device_bytes() > 0);
-  const Expected e = read_expected(fs::path(HATTN_FIXTURE_DIR) / name);
+  const Expected e = read_llama_expected(fs::path(HATTN_FIXTURE_DIR) / name);
   const std::vector<std::int32_t>& tokens = e.prompt;
   const auto T = static_cast<std::int64_t>(tokens.size());
   const auto uT = static_cast<std::size_t>(T);
@@ -263,7 +249,7 @@ void run_decoder_fixture(const std::string& name, const DecoderCase& dc) {
                   << hattn::to_string(dc.kv) << ", chunk " << dc.chunk << ", page "
                   << dc.page_size);
   const hm::LlamaModel host = load_host(name);
-  const Expected e = read_expected(fs::path(HATTN_FIXTURE_DIR) / name);
+  const Expected e = read_llama_expected(fs::path(HATTN_FIXTURE_DIR) / name);
   hm::CudaLlamaModel dev;
   REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = dc.weights}).is_ok());
   hm::CudaDenseDecoder decoder;
@@ -361,7 +347,7 @@ TEST_CASE("cuda decoder: fixtures match transformers (bf16 weights, bf16 KV)",
 TEST_CASE("cuda decoder: batched decode equals one-sequence decode", "[cuda][model]") {
   const std::string name = "gqa_llama3_tied_bf16";
   const hm::LlamaModel host = load_host(name);
-  const Expected e = read_expected(fs::path(HATTN_FIXTURE_DIR) / name);
+  const Expected e = read_llama_expected(fs::path(HATTN_FIXTURE_DIR) / name);
   hm::CudaLlamaModel dev;
   REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = DType::kF32}).is_ok());
   hm::CudaDenseDecoder decoder;
@@ -464,7 +450,7 @@ TEST_CASE("cuda orchestrated decode: GPU stages, CPU attention, fixtures match t
   for (const DType dt : {DType::kF32, DType::kBF16})
     for (const char* name : kFixtures) {
       const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / name;
-      const Expected e = read_expected(dir);
+      const Expected e = read_llama_expected(dir);
       const hm::LlamaModel host = load_host(name);
       hm::CudaLlamaModel dev;
       REQUIRE(hm::CudaLlamaModel::create(host, 0, &dev, {.weight_dtype = dt}).is_ok());
