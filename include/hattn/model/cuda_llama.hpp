@@ -99,6 +99,7 @@ class CudaStageScratch {
   cuda::DeviceBuffer gu_;   // f32 [T][2 inter]
   std::int64_t capacity_ = 0;
   const CudaLlamaModel* model_ = nullptr;
+  std::uint64_t generation_ = 0;  // the model's, at reserve(): a re-created model differs
 };
 
 class CudaLlamaModel {
@@ -168,6 +169,7 @@ class CudaLlamaModel {
   LlamaConfig config_{};
   int device_ = 0;
   DType weight_dtype_ = DType::kBF16;
+  std::uint64_t generation_ = 0;  // unique per create(): scratch checks it
   cublasContext* handle_ = nullptr;
   cuda::DeviceBuffer embedding_;  // [vocab][hidden], weight dtype
   cuda::DeviceBuffer lm_head_;    // [vocab][hidden], empty when tied to embedding_

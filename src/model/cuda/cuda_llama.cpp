@@ -6,6 +6,7 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -168,6 +169,7 @@ Status CudaStageScratch::reserve(const CudaLlamaModel& model, std::int64_t max_t
       gu_.allocate(t * 2 * static_cast<std::size_t>(c.intermediate_size) * sizeof(float)));
   capacity_ = max_tokens;
   model_ = &model;
+  generation_ = model.generation_;
   return Status::ok();
 }
 
@@ -179,6 +181,7 @@ CudaLlamaModel::CudaLlamaModel(CudaLlamaModel&& o) noexcept
     : config_(o.config_),
       device_(o.device_),
       weight_dtype_(o.weight_dtype_),
+      generation_(std::exchange(o.generation_, 0)),
       handle_(std::exchange(o.handle_, nullptr)),
       embedding_(std::move(o.embedding_)),
       lm_head_(std::move(o.lm_head_)),
@@ -194,6 +197,7 @@ CudaLlamaModel& CudaLlamaModel::operator=(CudaLlamaModel&& o) noexcept {
     config_ = o.config_;
     device_ = o.device_;
     weight_dtype_ = o.weight_dtype_;
+    generation_ = std::exchange(o.generation_, 0);
     handle_ = std::exchange(o.handle_, nullptr);
     embedding_ = std::move(o.embedding_);
     lm_head_ = std::move(o.lm_head_);
@@ -236,6 +240,8 @@ Status CudaLlamaModel::create(const LlamaModel& host, int device, CudaLlamaModel
     m.config_ = c;
     m.device_ = device;
     m.weight_dtype_ = options.weight_dtype;
+    static std::atomic<std::uint64_t> generations{0};
+    m.generation_ = ++generations;
     HATTN_RETURN_IF_ERROR(cublas_check(cublasCreate(&m.handle_), "CudaLlamaModel: cublasCreate"));
     // f32 weights: plain f32 arithmetic (no TF32, which only an explicit math
     // mode or compute type enables); bf16: tensor cores, f32 accumulation.
@@ -314,7 +320,7 @@ Status CudaLlamaModel::gemm(const void* w, std::int64_t out_features, std::int64
 Status CudaLlamaModel::check_scratch(const CudaStageScratch& s,
                                      std::int64_t num_tokens) const noexcept {
   if (!created()) return {StatusCode::kInvalidArgument, "CudaLlamaModel: not created"};
-  if (s.model_ != this)
+  if (s.model_ != this || s.generation_ != generation_)
     return {StatusCode::kInvalidArgument, "CudaStageScratch: not reserved for this model"};
   if (num_tokens < 0 || num_tokens > s.capacity_)
     return {StatusCode::kInvalidArgument, "CudaStageScratch: more tokens than reserved"};
