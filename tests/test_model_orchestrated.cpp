@@ -21,6 +21,7 @@
 #include "hattn/cpu/executor.hpp"
 #include "hattn/model/attention.hpp"
 #include "hattn/model/llama.hpp"
+#include "hattn/model/lsh_kv_attention.hpp"
 #include "hattn/model/orchestrated_runner.hpp"
 #include "hattn/model/runner.hpp"
 #include "hattn/model/sampler.hpp"
@@ -144,52 +145,87 @@ TEST_CASE("orchestrated decode: fixtures match transformers (lsh, sampling force
 }
 
 TEST_CASE("orchestrated decode equals the sequential runner", "[model][orchestrated]") {
-  // Different prompts, bf16 KV, greedy continuation: the orchestrated steps
-  // (2 micro-batches) and LlamaRunner::decode_step compute the same stages
-  // and the same attention, so their logits agree to rounding and the tokens
-  // are the same.
+  // Five different prompts (lengths 1..13), bf16 KV, greedy continuation fed
+  // back, in 2, 3 and 4 micro-batches (uneven splits): the orchestrated steps
+  // and LlamaRunner::decode_step compute the same stages and attention per
+  // sequence, so every sequence's logits agree to rounding. Dense against
+  // DenseKvAttention, and LSH (every 2nd layer dense, sampling forced to every
+  // key) against the sequential LshKvAttention with the same settings.
   const fs::path dir = fs::path(HATTN_FIXTURE_DIR) / "gqa_llama3_tied_bf16";
   hm::LlamaModel model;
   REQUIRE(hm::LlamaModel::load(dir, &model).is_ok());
   const auto vocab = static_cast<std::size_t>(model.config().vocab_size);
   const hattn::CpuExecutor executor(2);
   const std::vector<std::vector<std::int32_t>> prompts = {
-      {1, 2, 3, 4, 5, 6, 7}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13}, {42, 17}, {5}};
+      {1, 2, 3, 4, 5, 6, 7},
+      {9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13},
+      {42, 17},
+      {5},
+      {60, 61, 62, 63, 64, 65, 66, 67, 68, 69}};
   const auto B = static_cast<std::int32_t>(prompts.size());
-  constexpr int kSteps = 12;
-  std::vector<std::vector<float>> ref_logits, orch_logits;
-  for (const bool orchestrated : {false, true}) {
-    hm::DenseKvAttention kv(model.config(), kv_options(B, 64, hattn::DType::kBF16), executor);
-    hm::LlamaRunner runner(model, kv, executor);
-    std::vector<float> logits(vocab * static_cast<std::size_t>(B));
-    std::vector<std::int32_t> next(static_cast<std::size_t>(B));
-    for (std::int32_t b = 0; b < B; ++b) {
-      REQUIRE(runner.prefill(b, prompts[static_cast<std::size_t>(b)], 4, logits.data()).is_ok());
-      next[static_cast<std::size_t>(b)] = hm::argmax(std::span(logits.data(), vocab));
+  constexpr int kSteps = 10;
+  constexpr std::int64_t kMaxLen = 64;
+  for (const bool lsh : {false, true}) {
+    // The sequential reference.
+    std::unique_ptr<hm::KvAttention> ref_kv;
+    if (lsh) {
+      hm::LshKvAttentionOptions lo;
+      lo.lsh = lsh_options(1, {}).lsh;
+      lo.kv_dtype = hattn::DType::kBF16;
+      lo.num_sequences = B;
+      lo.max_seq_len = kMaxLen;
+      lo.max_prefill_tokens = 64;
+      lo.dense_layers = std::vector<std::int32_t>{0};
+      ref_kv = std::make_unique<hm::LshKvAttention>(model.config(), lo, executor);
+    } else {
+      ref_kv = std::make_unique<hm::DenseKvAttention>(
+          model.config(), kv_options(B, kMaxLen, hattn::DType::kBF16), executor);
     }
-    std::unique_ptr<hm::OrchestratedRunner> run;
-    if (orchestrated) {
-      hm::OrchestratedRunnerOptions o;
-      o.num_micro_batches = 2;
-      REQUIRE(hm::OrchestratedRunner::create(model, kv, o, executor, executor, &run).is_ok());
+    std::vector<std::vector<float>> want;
+    std::vector<std::vector<std::int32_t>> fed;
+    {
+      hm::LlamaRunner runner(model, *ref_kv, executor);
+      std::vector<float> logits(vocab * static_cast<std::size_t>(B));
+      std::vector<std::int32_t> next(static_cast<std::size_t>(B));
+      for (std::int32_t b = 0; b < B; ++b) {
+        REQUIRE(runner.prefill(b, prompts[static_cast<std::size_t>(b)], 4, logits.data()).is_ok());
+        next[static_cast<std::size_t>(b)] = hm::argmax(std::span(logits.data(), vocab));
+      }
+      for (int s = 0; s < kSteps; ++s) {
+        fed.push_back(next);
+        REQUIRE(runner.decode_step(next, logits.data()).is_ok());
+        want.push_back(logits);
+        for (std::int32_t b = 0; b < B; ++b)
+          next[static_cast<std::size_t>(b)] =
+              hm::argmax(std::span(logits.data() + b * vocab, vocab));
+      }
     }
-    auto& out = orchestrated ? orch_logits : ref_logits;
-    for (int s = 0; s < kSteps; ++s) {
-      REQUIRE((orchestrated ? run->decode_step(next, logits.data())
-                            : runner.decode_step(next, logits.data()))
-                  .is_ok());
-      out.push_back(logits);
+    for (const int mbs : {2, 3, 4}) {
+      INFO((lsh ? "lsh" : "dense") << ", " << mbs << " micro-batches");
+      hm::DenseKvAttention kv(model.config(), kv_options(B, kMaxLen, hattn::DType::kBF16),
+                              executor);
+      hm::LlamaRunner prefill(model, kv, executor);
+      std::vector<float> logits(vocab * static_cast<std::size_t>(B));
       for (std::int32_t b = 0; b < B; ++b)
-        next[static_cast<std::size_t>(b)] = hm::argmax(std::span(logits.data() + b * vocab, vocab));
+        REQUIRE(prefill.prefill(b, prompts[static_cast<std::size_t>(b)], 4, logits.data()).is_ok());
+      hm::OrchestratedRunnerOptions o =
+          lsh ? lsh_options(mbs, {0}) : hm::OrchestratedRunnerOptions{};
+      o.num_micro_batches = mbs;
+      std::unique_ptr<hm::OrchestratedRunner> run;
+      REQUIRE(hm::OrchestratedRunner::create(model, kv, o, executor, executor, &run).is_ok());
+      for (int s = 0; s < kSteps; ++s) {
+        REQUIRE(run->decode_step(fed[static_cast<std::size_t>(s)], logits.data()).is_ok());
+        const std::vector<double> got(logits.begin(), logits.end());
+        const std::vector<double> ref(want[static_cast<std::size_t>(s)].begin(),
+                                      want[static_cast<std::size_t>(s)].end());
+        const std::string err =
+            hattn_test::compare("logits", got, ref, kLogitTolerance,
+                                "orchestrated vs sequential, step " + std::to_string(s),
+                                [&](std::size_t i) { return "seq " + std::to_string(i / vocab); });
+        CHECK(err.empty());
+        if (!err.empty()) FAIL_CHECK(err);
+      }
     }
-  }
-  for (int s = 0; s < kSteps; ++s) {
-    const std::vector<double> a(ref_logits[s].begin(), ref_logits[s].end());
-    const std::vector<double> b(orch_logits[s].begin(), orch_logits[s].end());
-    const std::string err = hattn_test::compare(
-        "logits", b, a, kLogitTolerance, "orchestrated vs sequential, step " + std::to_string(s));
-    CHECK(err.empty());
-    if (!err.empty()) FAIL_CHECK(err);
   }
 }
 
@@ -236,10 +272,22 @@ TEST_CASE("orchestrated decode: bad input gives a Status", "[model][orchestrated
   CHECK(run->decode_step(two, nullptr).code() == hattn::StatusCode::kInvalidArgument);
   const std::int32_t bad_id[] = {1, model.config().vocab_size};
   CHECK(run->decode_step(bad_id, logits.data()).code() == hattn::StatusCode::kInvalidArgument);
-  // Nothing was appended by the failed steps; a good step still runs.
+  // The refused steps appended nothing; a good step still runs.
   CHECK(kv.seq_len(0, 0) == 3);
   REQUIRE(run->decode_step(two, logits.data()).is_ok());
   CHECK(kv.seq_len(0, 0) == 4);
   CHECK(kv.seq_len(1, 1) == 5);
   for (float x : logits) REQUIRE(std::isfinite(x));
+
+  // A step that would take a sequence past max_seq_len is refused up front.
+  hm::DenseKvAttention small(model.config(), kv_options(2, 4), executor);
+  hm::LlamaRunner fill(model, small, executor);
+  REQUIRE(fill.prefill(0, prompt, 8, logits.data()).is_ok());
+  REQUIRE(fill.prefill(1, prompt, 8, logits.data()).is_ok());
+  std::unique_ptr<hm::OrchestratedRunner> tight;
+  REQUIRE(hm::OrchestratedRunner::create(model, small, {}, executor, executor, &tight).is_ok());
+  REQUIRE(tight->decode_step(two, logits.data()).is_ok());  // 4 tokens: full
+  CHECK(tight->decode_step(two, logits.data()).code() == hattn::StatusCode::kOutOfMemory);
+  CHECK(small.seq_len(1, 0) == 4);
+  CHECK(small.seq_len(1, 1) == 4);
 }

@@ -388,12 +388,22 @@ int main(int argc, char** argv) {
   const int attention_threads =
       opt.attention_threads > 0 ? opt.attention_threads : std::max(1, total_threads / 2);
   if (overlapped && attention_threads >= total_threads) {
-    std::fprintf(stderr,
-                 "error: --attention-threads %d leaves no thread for the GEMMs (%d threads in "
-                 "all; see --threads)\n",
-                 attention_threads, total_threads);
+    if (opt.attention_threads > 0)
+      std::fprintf(stderr,
+                   "error: --attention-threads %d leaves no thread for the GEMMs (%d threads in "
+                   "all; see --threads)\n",
+                   attention_threads, total_threads);
+    else
+      std::fprintf(stderr,
+                   "error: %d micro-batches overlap the GEMMs with the attention, which needs "
+                   "at least 2 threads (--threads %d)\n",
+                   opt.micro_batches, total_threads);
     return 2;
   }
+  if (opt.attention_threads > 0 && !overlapped)
+    std::fprintf(stderr,
+                 "note: --attention-threads applies only with 2 or more micro-batches on CPU "
+                 "compute; ignored\n");
   std::optional<hattn::CpuExecutor> compute_executor, attention_executor;
   if (overlapped) {
     compute_executor.emplace(total_threads - attention_threads);
@@ -659,15 +669,24 @@ int main(int argc, char** argv) {
     if (orch) orch->set_sampling_stats(true);
     std::vector<float> scratch_logits(logits.size());
     if (!check(decode_step(next, scratch_logits.data()), "decode step (sampling stats)")) return 1;
-    sampled_fraction = lsh ? lsh->sampling_stats().mean_fraction() : orch->mean_sampled_fraction();
+    sampled_fraction =
+        lsh ? (lsh->sampling_stats().queries > 0 ? lsh->sampling_stats().mean_fraction() : -1.0)
+            : orch->mean_sampled_fraction();
   }
 
   if (!opt.trace.empty()) {
     // Orchestrated decode: the orchestrator's timeline (compute stream, copy
     // stream and CPU attention tracks) as process 1, next to the prefill.
     if (orch) {
-      const nlohmann::json tl = nlohmann::json::parse(orch->timeline().to_chrome_trace());
-      for (const auto& e : tl.at("traceEvents")) trace_events.push_back(e);
+      // On the prefill's time base (the timeline starts with the orchestrator).
+      const double shift_us =
+          std::chrono::duration<double, std::micro>(orch->timeline().origin() - runner.epoch())
+              .count();
+      nlohmann::json tl = nlohmann::json::parse(orch->timeline().to_chrome_trace());
+      for (auto& e : tl.at("traceEvents")) {
+        if (e.contains("ts")) e["ts"] = e["ts"].get<double>() + shift_us;
+        trace_events.push_back(e);
+      }
     }
     std::ofstream out(opt.trace, std::ios::binary);
     out << nlohmann::json{{"traceEvents", trace_events}, {"displayTimeUnit", "ms"}}.dump() << '\n';
@@ -700,15 +719,16 @@ int main(int argc, char** argv) {
     j["model"] = opt.synthetic.empty() ? opt.model_dir : opt.synthetic;
     j["attention"] = attention_name;
     j["compute"] = opt.compute;
-    j["micro_batches"] = opt.micro_batches;
+    j["micro_batches"] = orch ? orch->num_micro_batches() : 0;
     if (orch) {
-      j["orchestrator"] = {
-          {"compute_threads", compute_executor ? compute_executor->concurrency() : total_threads},
-          {"attention_threads",
-           attention_executor ? attention_executor->concurrency() : total_threads},
-          {"wall_s", orch_wall_s},
-          {"compute_busy_s", compute_busy_s},
-          {"attention_busy_s", attention_busy_s}};
+      j["orchestrator"] = {{"compute_threads", gpu_compute        ? 0
+                                               : compute_executor ? compute_executor->concurrency()
+                                                                  : total_threads},
+                           {"attention_threads",
+                            attention_executor ? attention_executor->concurrency() : total_threads},
+                           {"wall_s", orch_wall_s},
+                           {"compute_busy_s", compute_busy_s},
+                           {"attention_busy_s", attention_busy_s}};
     }
     j["batch"] = opt.batch;
     j["prompt_len"] = prompt_len;
@@ -733,10 +753,12 @@ int main(int argc, char** argv) {
     j["kv_bytes"] = kv_bytes;
     j["index_bytes"] = index_bytes;
     if (is_lsh) {
-      j["lsh"] = {{"K", opt.lsh_k},
-                  {"L", opt.lsh_l},
-                  {"dense_layers", lsh_dense_layers},
-                  {"mean_sampled_fraction", sampled_fraction}};
+      j["lsh"] = {
+          {"K", opt.lsh_k},
+          {"L", opt.lsh_l},
+          {"dense_layers", lsh_dense_layers},
+          {"mean_sampled_fraction",
+           sampled_fraction >= 0.0 ? nlohmann::json(sampled_fraction) : nlohmann::json(nullptr)}};
     }
     j["weight_bytes"] = model.weight_bytes();
     std::printf("%s\n", j.dump(2).c_str());
@@ -780,11 +802,15 @@ int main(int argc, char** argv) {
               opt.prefill == "synthetic" ? ", synthetic: cache fill only" : "");
   std::printf("decode    %10.2f tok/s  (%d steps x batch %d)\n", decode_tok_s, steps, opt.batch);
   if (orch) {
+    const std::string gemm =
+        gpu_compute
+            ? std::string("GPU GEMMs")
+            : std::to_string(compute_executor ? compute_executor->concurrency() : total_threads) +
+                  " GEMM";
     std::printf(
-        "pipeline  orchestrator, %d micro-batch%s, %d GEMM / %d attention threads: compute busy "
+        "pipeline  orchestrator, %d micro-batch%s, %s / %d attention threads: compute busy "
         "%.3f s, attention busy %.3f s in %.3f s of steps (overlap %.2f)\n",
-        orch->num_micro_batches(), orch->num_micro_batches() == 1 ? "" : "es",
-        compute_executor ? compute_executor->concurrency() : total_threads,
+        orch->num_micro_batches(), orch->num_micro_batches() == 1 ? "" : "es", gemm.c_str(),
         attention_executor ? attention_executor->concurrency() : total_threads, compute_busy_s,
         attention_busy_s, orch_wall_s,
         orch_wall_s > 0 ? (compute_busy_s + attention_busy_s) / orch_wall_s : 0.0);
@@ -798,10 +824,13 @@ int main(int argc, char** argv) {
   if (is_lsh) {
     std::string dl;
     for (std::int32_t l : lsh_dense_layers) dl += (dl.empty() ? "" : ",") + std::to_string(l);
+    const std::string sampled = sampled_fraction >= 0.0
+                                    ? std::to_string(100.0 * sampled_fraction).substr(0, 5) + "%"
+                                    : std::string("n/a (no indexed keys)");
     std::printf(
-        "lsh       K %d, L %d, dense layers [%s], sampled %.2f%% of indexed keys "
+        "lsh       K %d, L %d, dense layers [%s], sampled %s of indexed keys "
         "(mean over queries of one extra step)\n",
-        opt.lsh_k, opt.lsh_l, dl.c_str(), 100.0 * sampled_fraction);
+        opt.lsh_k, opt.lsh_l, dl.c_str(), sampled.c_str());
   }
   return 0;
 }

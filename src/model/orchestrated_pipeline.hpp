@@ -99,6 +99,7 @@ struct Pipeline final : OrchestratedRunner::Impl {
       : config_(config),
         cache_(kv.cache()),
         opt_(o),
+        max_seq_len_(kv.options().max_seq_len),
         mbs_(std::min(o.num_micro_batches, kv.cache().num_sequences())),
         max_mb_((kv.cache().num_sequences() + mbs_ - 1) / mbs_),
         engine_(make_engine()),
@@ -149,8 +150,11 @@ struct Pipeline final : OrchestratedRunner::Impl {
     // finish that first, so the positions below are this step's.
     HATTN_RETURN_IF_ERROR(
         orchestrator_.wait_idle(runtime::deadline_after(std::chrono::minutes(10))));
-    for (std::size_t b = 0; b < seqs_.size(); ++b)
+    for (std::size_t b = 0; b < seqs_.size(); ++b) {
       positions_[b] = cache_.seq_len(0, seqs_[b]);  // this step's token goes there
+      if (positions_[b] + 1 > max_seq_len_)
+        return {StatusCode::kOutOfMemory, "decode_step: a sequence would pass max_seq_len"};
+    }
     if (reset_engine_times) {
       engine_base = engine_.engine_times();
       reset_engine_times = false;
@@ -161,10 +165,11 @@ struct Pipeline final : OrchestratedRunner::Impl {
     runtime::Timeline& tl = orchestrator_.timeline();
     const std::size_t first = tl.size();
     const Status s = orchestrator_.step(seqs_, io_, stages_);
-    account(tl, first);
+    const auto t2 = Clock::now();
+    // Only steps that ran count (a failed one's work was undone).
+    if (s) account(tl.entries_since(first));
     if (!opt_.record_timeline) tl.clear();
     HATTN_RETURN_IF_ERROR(s);
-    const auto t2 = Clock::now();
     HATTN_RETURN_IF_ERROR(engine_.finish_step(logits));
     const auto t3 = Clock::now();
     wall += std::chrono::duration<double>(t3 - t0).count();
@@ -179,10 +184,8 @@ struct Pipeline final : OrchestratedRunner::Impl {
   }
 
   // The stage split of one step, from the orchestrator's timeline.
-  void account(const runtime::Timeline& tl, std::size_t first) {
-    const std::vector<runtime::TimelineEntry> entries = tl.entries();
-    for (std::size_t i = first; i < entries.size(); ++i) {
-      const runtime::TimelineEntry& e = entries[i];
+  void account(const std::vector<runtime::TimelineEntry>& entries) {
+    for (const runtime::TimelineEntry& e : entries) {
       const double d = 1e-9 * static_cast<double>(e.end_ns - e.begin_ns);
       switch (e.phase) {
         case runtime::Phase::kStageA:
@@ -192,8 +195,11 @@ struct Pipeline final : OrchestratedRunner::Impl {
           attention_busy += d;
           times.attention_s += d;
           break;
-        case runtime::Phase::kCopyToHost:
-        case runtime::Phase::kCopyToDevice: ring_copies += d; break;
+        case runtime::Phase::kCopyToHost: ring_copies += d; break;
+        case runtime::Phase::kCopyToDevice:  // on the compute stream
+          ring_copies += d;
+          compute_busy += d;
+          break;
         case runtime::Phase::kMerge:
           times.merge_s += d;
           compute_busy += d;
@@ -222,9 +228,10 @@ struct Pipeline final : OrchestratedRunner::Impl {
   }
   double mean_sampled_fraction() const noexcept override {
     if constexpr (kLsh)
-      return backend_.sampling_stats().mean_fraction();
+      return backend_.sampling_stats().queries > 0 ? backend_.sampling_stats().mean_fraction()
+                                                   : -1.0;
     else
-      return 0.0;
+      return -1.0;
   }
 
   Backend& backend() noexcept { return backend_; }
@@ -233,6 +240,7 @@ struct Pipeline final : OrchestratedRunner::Impl {
   LlamaConfig config_;
   runtime::HostKvCache& cache_;
   OrchestratedRunnerOptions opt_;
+  std::int64_t max_seq_len_;
   std::int32_t mbs_;
   std::int32_t max_mb_;
   Engine engine_;
@@ -290,7 +298,7 @@ Status make_pipeline(const LlamaConfig& c, DenseKvAttention& prefilled,
                                     .page_size = ko.page_size,
                                     .sm_scale = std::nullopt};
           return runtime::LshCpuAttention(options.lsh, shape, prefilled.cache(), max_batch,
-                                          options.lsh_dense_layers);
+                                          options.lsh_dense_layers, options.isa, ko.precision);
         });
     if (const Status s = p->backend().prefill_from_cache(attention); !s)
       return fail(s.code(), std::string("building the LSH indexes: ") + s.message());

@@ -71,8 +71,12 @@ class OrchestratedRunner {
   OrchestratedRunner& operator=(const OrchestratedRunner&) = delete;
 
   // One decode step: tokens[b] is the next input of sequence b, for every
-  // sequence of the cache; logits [B][vocab]. On error the step's KV appends
-  // are undone (the orchestrator's rollback) and the next step can retry.
+  // sequence of the cache; logits [B][vocab]. Token ids and max_seq_len are
+  // checked before anything runs (kInvalidArgument, kOutOfMemory). When the
+  // step fails in the pipeline its KV appends are undone (the orchestrator's
+  // rollback) and the next step can retry; only a failure computing the
+  // logits afterwards (out of memory) leaves the step's KV in place.
+  // Failed steps do not count in times() and the busy times.
   Status decode_step(std::span<const std::int32_t> tokens, float* logits);
 
   // Accumulated over decode steps. gemm_s and other_s: the stages on the
@@ -98,7 +102,8 @@ class OrchestratedRunner {
   std::size_t index_bytes() const noexcept;
   std::size_t backend_kv_bytes() const noexcept;
   // LSH: also count which keys each query samples (a second retrieval per
-  // query: statistics, not for timing), and the mean fraction so far.
+  // query: statistics, not for timing), and the mean fraction so far (-1
+  // while no query had indexed keys, and for dense).
   void set_sampling_stats(bool on) noexcept;
   double mean_sampled_fraction() const noexcept;
 

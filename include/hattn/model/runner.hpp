@@ -52,6 +52,8 @@ class LlamaRunner {
   void set_trace(TraceSink sink) { trace_ = std::move(sink); }
 
   const StageTimes& times() const noexcept { return times_; }
+  // Time 0 of the trace sink's times.
+  std::chrono::steady_clock::time_point epoch() const noexcept { return epoch_; }
   void reset_times() noexcept { times_ = {}; }
 
  private:

@@ -45,7 +45,9 @@
 #include "hattn/core/page_pool.hpp"
 #include "hattn/core/problem.hpp"
 #include "hattn/core/status.hpp"
+#include "hattn/cpu/dense_decode.hpp"
 #include "hattn/cpu/executor.hpp"
+#include "hattn/cpu/isa.hpp"
 #include "hattn/cpu/lsh_attention.hpp"
 #include "hattn/cpu/lsh_config.hpp"
 #include "hattn/runtime/cpu_attention.hpp"
@@ -63,8 +65,12 @@ class LshCpuAttention {
   // 16th). `max_batch`: the largest micro-batch. Borrows `kv`, which must
   // outlive this. Throws std::invalid_argument / std::runtime_error when a
   // layer cannot be made.
+  // `isa` and `precision`: the kernels of the LSH layers and of the dense
+  // ones (and of the split mode's sink).
   LshCpuAttention(const cpu::LshConfig& config, const cpu::LshShape& shape, const HostKvCache& kv,
-                  std::int32_t max_batch, std::span<const std::int32_t> dense_layers = {})
+                  std::int32_t max_batch, std::span<const std::int32_t> dense_layers = {},
+                  CpuIsa isa = cpu_isa_default(),
+                  cpu::DenseDecode::Precision precision = cpu::DenseDecode::Precision::kF32)
       : config_(config),
         kv_(&kv),
         dense_(DecodeProblem{.batch_size = max_batch,
@@ -74,7 +80,8 @@ class LshCpuAttention {
                              .kv_dtype = shape.kv_dtype,
                              .q_dtype = DType::kF32,
                              .o_dtype = DType::kF32,
-                             .sm_scale = shape.sm_scale}) {
+                             .sm_scale = shape.sm_scale},
+               cpu::DenseDecode(isa, precision)) {
     const PagePoolOptions& po = kv.options();
     if (po.num_kv_heads != shape.num_kv_heads || po.head_dim != shape.head_dim ||
         po.dtype != shape.kv_dtype)
@@ -89,7 +96,8 @@ class LshCpuAttention {
       if (std::find(dense_layers.begin(), dense_layers.end(), l) != dense_layers.end()) continue;
       cpu::LshShape s = shape;
       s.layer = l;
-      const Status st = cpu::LshAttention::create(config, s, &layers_[static_cast<std::size_t>(l)]);
+      const Status st =
+          cpu::LshAttention::create(config, s, &layers_[static_cast<std::size_t>(l)], isa);
       if (!st) throw std::runtime_error(std::string("LshCpuAttention: ") + st.message());
     }
     const std::size_t n = static_cast<std::size_t>(max_batch) * shape.num_q_heads;

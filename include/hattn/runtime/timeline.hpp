@@ -97,6 +97,14 @@ class Timeline {
     std::lock_guard<std::mutex> lock(mutex_);
     return entries_;
   }
+  // The entries recorded after the first `first` (a step's, say).
+  std::vector<TimelineEntry> entries_since(std::size_t first) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (first >= entries_.size()) return {};
+    return {entries_.begin() + static_cast<std::ptrdiff_t>(first), entries_.end()};
+  }
+  // When time 0 of the entries was.
+  Clock::time_point origin() const noexcept { return origin_; }
 
   // {"traceEvents": [...]}: one process, a thread per track, an "X" event per
   // entry named "<phase> L<layer> mb<m>", times in microseconds.
