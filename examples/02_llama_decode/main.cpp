@@ -824,13 +824,15 @@ int main(int argc, char** argv) {
   if (is_lsh) {
     std::string dl;
     for (std::int32_t l : lsh_dense_layers) dl += (dl.empty() ? "" : ",") + std::to_string(l);
-    const std::string sampled = sampled_fraction >= 0.0
-                                    ? std::to_string(100.0 * sampled_fraction).substr(0, 5) + "%"
-                                    : std::string("n/a (no indexed keys)");
-    std::printf(
-        "lsh       K %d, L %d, dense layers [%s], sampled %s of indexed keys "
-        "(mean over queries of one extra step)\n",
-        opt.lsh_k, opt.lsh_l, dl.c_str(), sampled.c_str());
+    char sampled[96];
+    if (sampled_fraction >= 0.0)
+      std::snprintf(sampled, sizeof sampled,
+                    "sampled %.2f%% of indexed keys (mean over queries of one extra step)",
+                    100.0 * sampled_fraction);
+    else
+      std::snprintf(sampled, sizeof sampled, "sampled: n/a (no key indexed yet)");
+    std::printf("lsh       K %d, L %d, dense layers [%s], %s\n", opt.lsh_k, opt.lsh_l, dl.c_str(),
+                sampled);
   }
   return 0;
 }
