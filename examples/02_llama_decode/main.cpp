@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -542,35 +543,28 @@ int main(int argc, char** argv) {
   t0 = Clock::now();
   {
     Progress bar("prefill");
+    // On the GPU decoder with cuda-dense, else through the host runner.
+    using Progress_fn = std::function<void(std::int64_t, std::int64_t)>;
+    const auto fill_synthetic = [&](const Progress_fn& progress) -> hattn::Status {
 #if HATTN_WITH_CUDA
-    if (whole_gpu) {
-      if (opt.prefill == "synthetic") {
-        if (!check(gpu_decoder.synthetic_prefill(prompt_len, opt.seed), "synthetic prefill"))
-          return 1;
-        bar.update(1, 1);
-        for (int b = 0; b < opt.batch; ++b)
-          next[static_cast<std::size_t>(b)] = prompts[static_cast<std::size_t>(b)].back();
-      } else {
-        for (int b = 0; b < opt.batch; ++b) {
-          const auto& p = prompts[static_cast<std::size_t>(b)];
-          const std::int64_t base = b * prompt_len, total = opt.batch * prompt_len;
-          if (!check(gpu_decoder.prefill(
-                         b, p, opt.prefill_chunk, logits.data(),
-                         [&](std::int64_t d, std::int64_t) { bar.update(base + d, total); }),
-                     "prefill"))
-            return 1;
-          const std::int32_t tok = sampler.sample(std::span(logits.data(), vocab));
-          generated[static_cast<std::size_t>(b)].push_back(tok);
-          next[static_cast<std::size_t>(b)] = tok;
-        }
+      if (whole_gpu) {
+        const hattn::Status st = gpu_decoder.synthetic_prefill(prompt_len, opt.seed);
+        progress(1, 1);
+        return st;
       }
-    } else
 #endif
-        if (opt.prefill == "synthetic") {
-      if (!check(
-              runner.synthetic_prefill(prompt_len, opt.seed,
-                                       [&](std::int64_t d, std::int64_t t) { bar.update(d, t); }),
-              "synthetic prefill"))
+      return runner.synthetic_prefill(prompt_len, opt.seed, progress);
+    };
+    const auto prefill_one = [&](int b, const std::vector<std::int32_t>& p,
+                                 const Progress_fn& progress) -> hattn::Status {
+#if HATTN_WITH_CUDA
+      if (whole_gpu) return gpu_decoder.prefill(b, p, opt.prefill_chunk, logits.data(), progress);
+#endif
+      return runner.prefill(b, p, opt.prefill_chunk, logits.data(), progress);
+    };
+    if (opt.prefill == "synthetic") {
+      if (!check(fill_synthetic([&](std::int64_t d, std::int64_t t) { bar.update(d, t); }),
+                 "synthetic prefill"))
         return 1;
       for (int b = 0; b < opt.batch; ++b)
         next[static_cast<std::size_t>(b)] = prompts[static_cast<std::size_t>(b)].back();
@@ -578,10 +572,9 @@ int main(int argc, char** argv) {
       for (int b = 0; b < opt.batch; ++b) {
         const auto& p = prompts[static_cast<std::size_t>(b)];
         const std::int64_t base = b * prompt_len, total = opt.batch * prompt_len;
-        if (!check(
-                runner.prefill(b, p, opt.prefill_chunk, logits.data(),
+        if (!check(prefill_one(b, p,
                                [&](std::int64_t d, std::int64_t) { bar.update(base + d, total); }),
-                "prefill"))
+                   "prefill"))
           return 1;
         const std::int32_t tok = sampler.sample(std::span(logits.data(), vocab));
         generated[static_cast<std::size_t>(b)].push_back(tok);

@@ -16,11 +16,46 @@ namespace {
 
 using Stage = CudaStageTimer::Stage;
 
-Status cuda_check(cudaError_t e, const char* what) noexcept {
-  if (e == cudaSuccess) return Status::ok();
-  (void)cudaGetLastError();
-  if (e == cudaErrorMemoryAllocation) return {StatusCode::kOutOfMemory, what};
-  return {StatusCode::kCudaError, what};
+using detail::cuda_check;
+
+// The host half of one upload in the staging buffer (tokens, positions, KV
+// slots, page table), filled a row at a time.
+struct StagedRows {
+  std::int32_t* tok;
+  std::int64_t* pos;
+  std::int64_t* slot;
+  std::int32_t* indptr;
+  std::int32_t* indices;
+  std::int32_t* lpl;
+  std::int32_t at = 0;
+
+  // Row i: `token` at position p of the sequence whose pages start at
+  // first_page; it sees positions [0, p]. Returns that length, p + 1.
+  std::int64_t add(std::int64_t i, std::int32_t token, std::int64_t p, std::int64_t first_page,
+                   std::int32_t page) noexcept {
+    if (i == 0) indptr[0] = at = 0;
+    tok[i] = token;
+    pos[i] = p;
+    slot[i] = (first_page + p / page) * page + p % page;
+    const std::int64_t visible = p + 1;
+    const std::int64_t pages = (visible + page - 1) / page;
+    for (std::int64_t j = 0; j < pages; ++j)
+      indices[at++] = static_cast<std::int32_t>(first_page + j);
+    indptr[i + 1] = at;
+    lpl[i] = static_cast<std::int32_t>(visible - (pages - 1) * page);
+    return visible;
+  }
+};
+
+template <class Upload>
+StagedRows staged_rows(void* staging, const Upload& up) noexcept {
+  auto* h = static_cast<unsigned char*>(staging);
+  return {reinterpret_cast<std::int32_t*>(h + up.tokens),
+          reinterpret_cast<std::int64_t*>(h + up.positions),
+          reinterpret_cast<std::int64_t*>(h + up.slots),
+          reinterpret_cast<std::int32_t*>(h + up.indptr),
+          reinterpret_cast<std::int32_t*>(h + up.indices),
+          reinterpret_cast<std::int32_t*>(h + up.last_page_len)};
 }
 
 std::size_t align256(std::size_t x) noexcept { return (x + 255) / 256 * 256; }
@@ -273,30 +308,12 @@ Status CudaDenseDecoder::prefill(
     std::int64_t nnz = 0;
     for (std::int64_t i = 0; i < n; ++i) nnz += (start + i + 1 + page - 1) / page;
     const Upload up = layout(n, nnz);
-    auto* h = static_cast<unsigned char*>(staging_.data());
-    auto* tok = reinterpret_cast<std::int32_t*>(h + up.tokens);
-    auto* pos = reinterpret_cast<std::int64_t*>(h + up.positions);
-    auto* slot = reinterpret_cast<std::int64_t*>(h + up.slots);
-    auto* indptr = reinterpret_cast<std::int32_t*>(h + up.indptr);
-    auto* indices = reinterpret_cast<std::int32_t*>(h + up.indices);
-    auto* lpl = reinterpret_cast<std::int32_t*>(h + up.last_page_len);
+    StagedRows rows = staged_rows(staging_.data(), up);
     const std::int64_t first_page = std::int64_t{seq} * pages_per_seq_;
     plan_lens_.resize(static_cast<std::size_t>(n));
-    std::int32_t at = 0;
-    indptr[0] = 0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      const std::int64_t p = start + i;
-      tok[i] = tokens[static_cast<std::size_t>(done + i)];
-      pos[i] = p;
-      slot[i] = (first_page + p / page) * page + p % page;
-      const std::int64_t visible = p + 1;
-      const std::int64_t pages = (visible + page - 1) / page;
-      for (std::int64_t j = 0; j < pages; ++j)
-        indices[at++] = static_cast<std::int32_t>(first_page + j);
-      indptr[i + 1] = at;
-      lpl[i] = static_cast<std::int32_t>(visible - (pages - 1) * page);
-      plan_lens_[static_cast<std::size_t>(i)] = visible;
-    }
+    for (std::int64_t i = 0; i < n; ++i)
+      plan_lens_[static_cast<std::size_t>(i)] =
+          rows.add(i, tokens[static_cast<std::size_t>(done + i)], start + i, first_page, page);
     const bool last = done + n == total;
     HATTN_RETURN_IF_ERROR(finish(run_tokens(n, up, plan_lens_.data(), static_cast<std::int32_t>(n),
                                             n - 1, 1, last ? last_logits : nullptr)));
@@ -328,30 +345,12 @@ Status CudaDenseDecoder::decode_step(std::span<const std::int32_t> tokens, float
   std::int64_t nnz = 0;
   for (const std::int64_t len : lens_) nnz += (len + 1 + page - 1) / page;
   const Upload up = layout(batch, nnz);
-  auto* h = static_cast<unsigned char*>(staging_.data());
-  auto* tok = reinterpret_cast<std::int32_t*>(h + up.tokens);
-  auto* pos = reinterpret_cast<std::int64_t*>(h + up.positions);
-  auto* slot = reinterpret_cast<std::int64_t*>(h + up.slots);
-  auto* indptr = reinterpret_cast<std::int32_t*>(h + up.indptr);
-  auto* indices = reinterpret_cast<std::int32_t*>(h + up.indices);
-  auto* lpl = reinterpret_cast<std::int32_t*>(h + up.last_page_len);
+  StagedRows rows = staged_rows(staging_.data(), up);
   plan_lens_.resize(static_cast<std::size_t>(batch));
-  std::int32_t at = 0;
-  indptr[0] = 0;
-  for (std::int32_t b = 0; b < batch; ++b) {
-    const std::int64_t p = lens_[static_cast<std::size_t>(b)];
-    const std::int64_t first_page = std::int64_t{b} * pages_per_seq_;
-    tok[b] = tokens[static_cast<std::size_t>(b)];
-    pos[b] = p;
-    slot[b] = (first_page + p / page) * page + p % page;
-    const std::int64_t visible = p + 1;
-    const std::int64_t pages = (visible + page - 1) / page;
-    for (std::int64_t j = 0; j < pages; ++j)
-      indices[at++] = static_cast<std::int32_t>(first_page + j);
-    indptr[b + 1] = at;
-    lpl[b] = static_cast<std::int32_t>(visible - (pages - 1) * page);
-    plan_lens_[static_cast<std::size_t>(b)] = visible;
-  }
+  for (std::int32_t b = 0; b < batch; ++b)
+    plan_lens_[static_cast<std::size_t>(b)] =
+        rows.add(b, tokens[static_cast<std::size_t>(b)], lens_[static_cast<std::size_t>(b)],
+                 std::int64_t{b} * pages_per_seq_, page);
   HATTN_RETURN_IF_ERROR(finish(run_tokens(batch, up, plan_lens_.data(), batch, 0, batch, logits)));
   for (std::int64_t& len : lens_) ++len;
   return Status::ok();

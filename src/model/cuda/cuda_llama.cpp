@@ -20,14 +20,7 @@ namespace {
 
 using Stage = CudaStageTimer::Stage;
 
-// A failed call named by `what` (a literal); the CUDA error is cleared so a
-// later, unrelated check does not report it again.
-Status cuda_check(cudaError_t e, const char* what) noexcept {
-  if (e == cudaSuccess) return Status::ok();
-  (void)cudaGetLastError();
-  if (e == cudaErrorMemoryAllocation) return {StatusCode::kOutOfMemory, what};
-  return {StatusCode::kCudaError, what};
-}
+using detail::cuda_check;
 
 Status cublas_check(cublasStatus_t e, const char* what) noexcept {
   if (e == CUBLAS_STATUS_SUCCESS) return Status::ok();

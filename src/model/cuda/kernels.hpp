@@ -7,8 +7,19 @@
 #include <cstdint>
 
 #include "hattn/core/dtype.hpp"
+#include "hattn/core/status.hpp"
 
 namespace hattn::model::detail {
+
+// A failed CUDA call named by `what` (a literal), kOutOfMemory for an
+// allocation; the CUDA error is cleared so a later, unrelated check does not
+// report it again.
+inline Status cuda_check(cudaError_t e, const char* what) noexcept {
+  if (e == cudaSuccess) return Status::ok();
+  (void)cudaGetLastError();
+  if (e == cudaErrorMemoryAllocation) return {StatusCode::kOutOfMemory, what};
+  return {StatusCode::kCudaError, what};
+}
 
 // Bit set in the model's error word by embed for an id outside [0, vocab).
 inline constexpr std::uint32_t kErrorTokenId = 1u << 0;
