@@ -46,7 +46,7 @@ constexpr const auto& kFixtures = hattn_test::kLlamaFixtures;
 namespace fs = std::filesystem;
 namespace hm = hattn::model;
 
-constexpr hattn_test::Tolerance kLogitTolerance{1e-4, 1e-4, 1e-9};
+constexpr hattn_test::Tolerance kLogitTolerance = hattn_test::kLlamaLogitTolerance;
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 

@@ -35,7 +35,7 @@ constexpr const auto& kFixtures = hattn_test::kLlamaFixtures;
 namespace fs = std::filesystem;
 namespace hm = hattn::model;
 
-constexpr hattn_test::Tolerance kLogitTolerance{1e-4, 1e-4, 1e-9};
+constexpr hattn_test::Tolerance kLogitTolerance = hattn_test::kLlamaLogitTolerance;
 hm::DenseKvAttentionOptions kv_options(std::int32_t seqs, std::int64_t max_len,
                                        hattn::DType dtype = hattn::DType::kF32) {
   return {.kv_dtype = dtype,

@@ -11,9 +11,15 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "common/check.hpp"
+
 namespace hattn_test {
 
 inline const char* const kLlamaFixtures[] = {"mha_f32", "gqa_llama3_tied_bf16", "gqa8_sharded_f16"};
+
+// Logits against the oracle with f32 arithmetic on both sides (the
+// derivation is at the top of tests/test_model_fixtures.cpp).
+inline constexpr Tolerance kLlamaLogitTolerance{1e-4, 1e-4, 1e-9};
 
 struct LlamaExpected {
   std::vector<std::int32_t> prompt;

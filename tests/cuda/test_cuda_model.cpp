@@ -67,7 +67,7 @@ using hattn::StatusCode;
 using hattn::cuda::DeviceBuffer;
 using hattn_test::Tolerance;
 
-constexpr Tolerance kF32Tolerance{1e-4, 1e-4, 1e-9};
+constexpr Tolerance kF32Tolerance = hattn_test::kLlamaLogitTolerance;
 constexpr double kBf16RmsFraction = 0.08;
 constexpr double kBf16Nmse = 5e-4;
 constexpr double kBf16RoundRtol = 1.0 / 256.0;
