@@ -39,14 +39,8 @@ DenseKvAttention::DenseKvAttention(const LlamaConfig& config,
     std::int32_t seq = 0;
     if (!cache_.add_sequence(&seq)) throw std::invalid_argument("DenseKvAttention: add_sequence");
   }
-  const DecodeProblem problem{.batch_size = std::max(opt_.num_sequences, opt_.max_prefill_tokens),
-                              .num_q_heads = config.num_q_heads,
-                              .num_kv_heads = config.num_kv_heads,
-                              .head_dim = config.head_dim,
-                              .kv_dtype = opt_.kv_dtype,
-                              .q_dtype = DType::kF32,
-                              .o_dtype = DType::kF32,
-                              .sm_scale = std::nullopt};
+  const DecodeProblem problem =
+      decode_problem(config, std::max(opt_.num_sequences, opt_.max_prefill_tokens), opt_.kv_dtype);
   workspace_.resize(cpu::DenseDecode::workspace_size(problem));
   lse_scratch_.resize(static_cast<std::size_t>(problem.batch_size) * config.num_q_heads);
 }
@@ -91,14 +85,7 @@ Status DenseKvAttention::decode(int layer, std::span<const std::int32_t> seqs, c
     return {StatusCode::kInvalidArgument, "batch larger than the attention was sized for"};
   HATTN_RETURN_IF_ERROR(pool(layer).build_page_table(batch_ids_, &table_));
   const PagedKvView kv = pool(layer).view(table_);
-  const DecodeProblem problem{.batch_size = batch,
-                              .num_q_heads = config_.num_q_heads,
-                              .num_kv_heads = config_.num_kv_heads,
-                              .head_dim = config_.head_dim,
-                              .kv_dtype = opt_.kv_dtype,
-                              .q_dtype = DType::kF32,
-                              .o_dtype = DType::kF32,
-                              .sm_scale = std::nullopt};
+  const DecodeProblem problem = decode_problem(config_, batch, opt_.kv_dtype);
   cpu::DecodePlan plan;
   HATTN_RETURN_IF_ERROR(backend_.plan(problem, kv, workspace_.data(), workspace_.size(), &plan));
   const QueryView qv =
@@ -136,14 +123,7 @@ Status DenseKvAttention::prefill(int layer, int seq, const float* q, std::int64_
       table_.last_page_len.push_back(static_cast<std::int32_t>(visible - (pages - 1) * page));
     }
     const PagedKvView kv = pool.view(table_);
-    const DecodeProblem problem{.batch_size = batch,
-                                .num_q_heads = config_.num_q_heads,
-                                .num_kv_heads = config_.num_kv_heads,
-                                .head_dim = config_.head_dim,
-                                .kv_dtype = opt_.kv_dtype,
-                                .q_dtype = DType::kF32,
-                                .o_dtype = DType::kF32,
-                                .sm_scale = std::nullopt};
+    const DecodeProblem problem = decode_problem(config_, batch, opt_.kv_dtype);
     cpu::DecodePlan plan;
     HATTN_RETURN_IF_ERROR(backend_.plan(problem, kv, workspace_.data(), workspace_.size(), &plan));
     const std::int64_t stride = config_.q_dim();

@@ -106,14 +106,8 @@ LshKvAttention::LshKvAttention(const LlamaConfig& config, const LshKvAttentionOp
     layer->sealed.assign(seqs, 0);
     layers_[static_cast<std::size_t>(l)] = std::move(layer);
   }
-  const DecodeProblem problem{.batch_size = std::max(opt_.num_sequences, opt_.max_prefill_tokens),
-                              .num_q_heads = config.num_q_heads,
-                              .num_kv_heads = config.num_kv_heads,
-                              .head_dim = config.head_dim,
-                              .kv_dtype = opt_.kv_dtype,
-                              .q_dtype = DType::kF32,
-                              .o_dtype = DType::kF32,
-                              .sm_scale = std::nullopt};
+  const DecodeProblem problem =
+      decode_problem(config, std::max(opt_.num_sequences, opt_.max_prefill_tokens), opt_.kv_dtype);
   workspace_.resize(cpu::DenseDecode::workspace_size(problem));
   lse_scratch_.resize(static_cast<std::size_t>(problem.batch_size) * config.num_q_heads);
 }
@@ -272,14 +266,7 @@ Status LshKvAttention::prefill(int layer, int seq, const float* q, std::int64_t 
   const std::int64_t row = config_.kv_dim();
   for (std::int64_t first = 0; first < n; first += max_batch) {
     const auto batch = static_cast<std::int32_t>(std::min(max_batch, n - first));
-    const DecodeProblem problem{.batch_size = batch,
-                                .num_q_heads = config_.num_q_heads,
-                                .num_kv_heads = config_.num_kv_heads,
-                                .head_dim = config_.head_dim,
-                                .kv_dtype = opt_.kv_dtype,
-                                .q_dtype = DType::kF32,
-                                .o_dtype = DType::kF32,
-                                .sm_scale = std::nullopt};
+    const DecodeProblem problem = decode_problem(config_, batch, opt_.kv_dtype);
     const std::int64_t stride = config_.q_dim();
     const QueryView qv = make_query_view(q + first * stride, DType::kF32, batch,
                                          config_.num_q_heads, config_.head_dim);

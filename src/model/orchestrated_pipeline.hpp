@@ -74,17 +74,6 @@ struct OrchestratedRunner::Impl {
 
 namespace detail {
 
-inline DecodeProblem max_problem(const LlamaConfig& c, std::int32_t max_batch, DType kv_dtype) {
-  return {.batch_size = max_batch,
-          .num_q_heads = c.num_q_heads,
-          .num_kv_heads = c.num_kv_heads,
-          .head_dim = c.head_dim,
-          .kv_dtype = kv_dtype,
-          .q_dtype = DType::kF32,
-          .o_dtype = DType::kF32,
-          .sm_scale = std::nullopt};
-}
-
 template <class Engine, class Backend>
 struct Pipeline final : OrchestratedRunner::Impl {
   static constexpr bool kLsh = std::is_same_v<Backend, runtime::LshCpuAttention>;
@@ -148,8 +137,11 @@ struct Pipeline final : OrchestratedRunner::Impl {
         return {StatusCode::kInvalidArgument, "decode_step: token id outside the vocabulary"};
     // A failed step may have left its KV appends for the next step() to undo:
     // finish that first, so the positions below are this step's.
-    HATTN_RETURN_IF_ERROR(
-        orchestrator_.wait_idle(runtime::deadline_after(std::chrono::minutes(10))));
+    if (last_failed_) {
+      HATTN_RETURN_IF_ERROR(
+          orchestrator_.wait_idle(runtime::deadline_after(std::chrono::minutes(10))));
+      last_failed_ = false;
+    }
     for (std::size_t b = 0; b < seqs_.size(); ++b) {
       positions_[b] = cache_.seq_len(0, seqs_[b]);  // this step's token goes there
       if (positions_[b] + 1 > max_seq_len_)
@@ -165,6 +157,7 @@ struct Pipeline final : OrchestratedRunner::Impl {
     runtime::Timeline& tl = orchestrator_.timeline();
     const std::size_t first = tl.size();
     const Status s = orchestrator_.step(seqs_, io_, stages_);
+    last_failed_ = !s;
     const auto t2 = Clock::now();
     // Only steps that ran count (a failed one's work was undone).
     if (s) account(tl.entries_since(first));
@@ -241,6 +234,7 @@ struct Pipeline final : OrchestratedRunner::Impl {
   runtime::HostKvCache& cache_;
   OrchestratedRunnerOptions opt_;
   std::int64_t max_seq_len_;
+  bool last_failed_ = false;  // the orchestrator may still owe that step's rollback
   std::int32_t mbs_;
   std::int32_t max_mb_;
   Engine engine_;
@@ -279,7 +273,7 @@ Status make_pipeline(const LlamaConfig& c, DenseKvAttention& prefilled,
     if (options.attention == CpuAttentionKind::kDense) {
       *out = std::make_unique<Pipeline<Engine, runtime::DenseCpuAttention>>(
           c, prefilled, options, attention, make_engine, [&](std::int32_t max_batch) {
-            return runtime::DenseCpuAttention(max_problem(c, max_batch, ko.kv_dtype),
+            return runtime::DenseCpuAttention(decode_problem(c, max_batch, ko.kv_dtype),
                                               cpu::DenseDecode(options.isa, ko.precision));
           });
       return Status::ok();

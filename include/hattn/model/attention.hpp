@@ -53,6 +53,18 @@ class KvAttention {
   virtual std::size_t index_bytes() const noexcept { return 0; }
 };
 
+// The decode problem of a model's attention for `batch` queries: f32 q and
+// o, the model's heads and head dim, KV in `kv_dtype`, default scale.
+inline DecodeProblem decode_problem(const LlamaConfig& c, std::int32_t batch, DType kv_dtype) {
+  DecodeProblem p;  // q and o f32, default scale
+  p.batch_size = batch;
+  p.num_q_heads = c.num_q_heads;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.kv_dtype = kv_dtype;
+  return p;
+}
+
 struct DenseKvAttentionOptions {
   DType kv_dtype = DType::kBF16;
   std::int32_t page_size = 16;

@@ -78,8 +78,6 @@ class LshCpuAttention {
                              .num_kv_heads = shape.num_kv_heads,
                              .head_dim = shape.head_dim,
                              .kv_dtype = shape.kv_dtype,
-                             .q_dtype = DType::kF32,
-                             .o_dtype = DType::kF32,
                              .sm_scale = shape.sm_scale},
                cpu::DenseDecode(isa, precision)) {
     const PagePoolOptions& po = kv.options();

@@ -9,6 +9,7 @@
 
 #include "hattn/core/kv_view.hpp"
 #include "hattn/core/problem.hpp"
+#include "hattn/model/attention.hpp"
 #include "model/cuda/kernels.hpp"
 
 namespace hattn::model {
@@ -60,17 +61,6 @@ StagedRows staged_rows(void* staging, const Upload& up) noexcept {
 
 std::size_t align256(std::size_t x) noexcept { return (x + 255) / 256 * 256; }
 
-DecodeProblem problem_of(const LlamaConfig& c, std::int32_t batch, DType kv) noexcept {
-  return {.batch_size = batch,
-          .num_q_heads = c.num_q_heads,
-          .num_kv_heads = c.num_kv_heads,
-          .head_dim = c.head_dim,
-          .kv_dtype = kv,
-          .q_dtype = DType::kF32,
-          .o_dtype = DType::kF32,
-          .sm_scale = std::nullopt};
-}
-
 }  // namespace
 
 CudaDenseDecoder::Upload CudaDenseDecoder::layout(std::int64_t n, std::int64_t nnz) const noexcept {
@@ -110,7 +100,7 @@ Status CudaDenseDecoder::create(const CudaLlamaModel& model, const CudaDenseDeco
   if (num_pages > 0x7fffffff || n_max * pps > 0x7fffffff)
     return {StatusCode::kNotSupported, "CudaDenseDecoder: page table beyond 32-bit indices"};
   HATTN_RETURN_IF_ERROR(cuda::DenseDecode::can_implement(
-      problem_of(c, static_cast<std::int32_t>(n_max), o.kv_dtype)));
+      decode_problem(c, static_cast<std::int32_t>(n_max), o.kv_dtype)));
   HATTN_RETURN_IF_ERROR(
       cuda_check(cudaSetDevice(model.device()), "CudaDenseDecoder: cudaSetDevice"));
 
@@ -144,7 +134,7 @@ Status CudaDenseDecoder::create(const CudaLlamaModel& model, const CudaDenseDeco
     std::size_t ws = 0;
     for (std::int64_t b = 1; b <= n_max; ++b)
       ws = std::max(ws, cuda::DenseDecode::workspace_size(
-                            problem_of(c, static_cast<std::int32_t>(b), o.kv_dtype)));
+                            decode_problem(c, static_cast<std::int32_t>(b), o.kv_dtype)));
     HATTN_RETURN_IF_ERROR(d.workspace_.allocate(ws));
     HATTN_RETURN_IF_ERROR(cuda_check(cudaMemset(d.workspace_.data(), 0, ws),
                                      "CudaDenseDecoder: cudaMemset (workspace)"));
@@ -216,7 +206,7 @@ Status CudaDenseDecoder::run_tokens(std::int64_t n, const Upload& up, const std:
   const auto* d_positions = reinterpret_cast<const std::int64_t*>(base + up.positions);
   const auto* d_slots = reinterpret_cast<const std::int64_t*>(base + up.slots);
 
-  const DecodeProblem problem = problem_of(c, attn_batch, opt_.kv_dtype);
+  const DecodeProblem problem = decode_problem(c, attn_batch, opt_.kv_dtype);
   cuda::DecodePlan plan;
   HATTN_RETURN_IF_ERROR(backend_.plan(problem,
                                       std::span(host_lens, static_cast<std::size_t>(attn_batch)),
