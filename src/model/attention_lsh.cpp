@@ -88,15 +88,8 @@ LshKvAttention::LshKvAttention(const LlamaConfig& config, const LshKvAttentionOp
   for (std::int32_t l = 0; l < config.num_layers; ++l) {
     if (dense_index_[static_cast<std::size_t>(l)] >= 0) continue;
     auto layer = std::make_unique<Layer>();
-    const cpu::LshShape shape{.num_q_heads = config.num_q_heads,
-                              .num_kv_heads = config.num_kv_heads,
-                              .head_dim = config.head_dim,
-                              .kv_dtype = opt_.kv_dtype,
-                              .layer = l,
-                              .max_tokens = opt_.max_seq_len * opt_.num_sequences,
-                              .max_sequences = opt_.num_sequences,
-                              .page_size = opt_.page_size,
-                              .sm_scale = std::nullopt};
+    const cpu::LshShape shape =
+        lsh_shape(config, opt_.kv_dtype, opt_.max_seq_len, opt_.num_sequences, opt_.page_size, l);
     const Status st = cpu::LshAttention::create(opt_.lsh, shape, &layer->lsh, isa);
     if (!st.is_ok()) throw std::invalid_argument(std::string("LshKvAttention: ") + st.message());
     const auto seqs = static_cast<std::size_t>(opt_.num_sequences);

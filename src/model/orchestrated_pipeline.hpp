@@ -36,6 +36,7 @@
 #include "hattn/cpu/executor.hpp"
 #include "hattn/model/attention.hpp"
 #include "hattn/model/config.hpp"
+#include "hattn/model/lsh_kv_attention.hpp"
 #include "hattn/model/orchestrated_runner.hpp"
 #include "hattn/model/stage_times.hpp"
 #include "hattn/runtime/affinity.hpp"
@@ -282,15 +283,8 @@ Status make_pipeline(const LlamaConfig& c, DenseKvAttention& prefilled,
       return fail(s.code(), std::string("LSH config: ") + s.message());
     auto p = std::make_unique<Pipeline<Engine, runtime::LshCpuAttention>>(
         c, prefilled, options, attention, make_engine, [&](std::int32_t max_batch) {
-          const cpu::LshShape shape{.num_q_heads = c.num_q_heads,
-                                    .num_kv_heads = c.num_kv_heads,
-                                    .head_dim = c.head_dim,
-                                    .kv_dtype = ko.kv_dtype,
-                                    .layer = 0,
-                                    .max_tokens = ko.max_seq_len * ko.num_sequences,
-                                    .max_sequences = ko.num_sequences,
-                                    .page_size = ko.page_size,
-                                    .sm_scale = std::nullopt};
+          const cpu::LshShape shape =
+              lsh_shape(c, ko.kv_dtype, ko.max_seq_len, ko.num_sequences, ko.page_size, 0);
           return runtime::LshCpuAttention(options.lsh, shape, prefilled.cache(), max_batch,
                                           options.lsh_dense_layers, options.isa, ko.precision);
         });

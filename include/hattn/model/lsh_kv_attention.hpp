@@ -45,6 +45,22 @@ struct LshKvAttentionOptions {
   std::optional<std::vector<std::int32_t>> dense_layers;
 };
 
+// The LshAttention shape of one layer of a model whose caches hold
+// `num_sequences` sequences of up to `max_seq_len` tokens.
+inline cpu::LshShape lsh_shape(const LlamaConfig& c, DType kv_dtype, std::int64_t max_seq_len,
+                               std::int32_t num_sequences, std::int32_t page_size,
+                               std::int32_t layer) {
+  return {.num_q_heads = c.num_q_heads,
+          .num_kv_heads = c.num_kv_heads,
+          .head_dim = c.head_dim,
+          .kv_dtype = kv_dtype,
+          .layer = layer,
+          .max_tokens = max_seq_len * num_sequences,
+          .max_sequences = num_sequences,
+          .page_size = page_size,
+          .sm_scale = std::nullopt};
+}
+
 // MagicPIG's default: layer % 16 == 0.
 std::vector<std::int32_t> default_lsh_dense_layers(std::int32_t num_layers);
 
