@@ -84,7 +84,11 @@ Status DenseKvAttention::decode(int layer, std::span<const std::int32_t> seqs, c
   if (batch > std::max(opt_.num_sequences, opt_.max_prefill_tokens))
     return {StatusCode::kInvalidArgument, "batch larger than the attention was sized for"};
   HATTN_RETURN_IF_ERROR(pool(layer).build_page_table(batch_ids_, &table_));
-  const PagedKvView kv = pool(layer).view(table_);
+  return attend(pool(layer).view(table_), batch, q, o, lse2);
+}
+
+Status DenseKvAttention::attend(const PagedKvView& kv, std::int32_t batch, const float* q, float* o,
+                                float* lse2) {
   const DecodeProblem problem = decode_problem(config_, batch, opt_.kv_dtype);
   cpu::DecodePlan plan;
   HATTN_RETURN_IF_ERROR(backend_.plan(problem, kv, workspace_.data(), workspace_.size(), &plan));
@@ -122,16 +126,8 @@ Status DenseKvAttention::prefill(int layer, int seq, const float* q, std::int64_
       table_.indptr.push_back(static_cast<std::int32_t>(table_.indices.size()));
       table_.last_page_len.push_back(static_cast<std::int32_t>(visible - (pages - 1) * page));
     }
-    const PagedKvView kv = pool.view(table_);
-    const DecodeProblem problem = decode_problem(config_, batch, opt_.kv_dtype);
-    cpu::DecodePlan plan;
-    HATTN_RETURN_IF_ERROR(backend_.plan(problem, kv, workspace_.data(), workspace_.size(), &plan));
-    const std::int64_t stride = config_.q_dim();
-    const QueryView qv = make_query_view(q + first * stride, DType::kF32, batch,
-                                         config_.num_q_heads, config_.head_dim);
-    const PartialView out = make_partial_view(o + first * stride, DType::kF32, lse_scratch_.data(),
-                                              batch, config_.num_q_heads, config_.head_dim);
-    HATTN_RETURN_IF_ERROR(backend_.run(plan, qv, kv, out, *executor_));
+    HATTN_RETURN_IF_ERROR(attend(pool.view(table_), batch, q + first * config_.q_dim(),
+                                 o + first * config_.q_dim(), lse_scratch_.data()));
   }
   return Status::ok();
 }

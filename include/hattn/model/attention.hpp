@@ -101,6 +101,8 @@ class DenseKvAttention final : public KvAttention {
   const runtime::HostKvCache& cache() const noexcept { return cache_; }
 
  private:
+  // cpu::DenseDecode of `batch` queries (f32 [batch][Hq][D]) over kv.
+  Status attend(const PagedKvView& kv, std::int32_t batch, const float* q, float* o, float* lse2);
   HostPagePool& pool(int layer) noexcept { return cache_.pool(layer); }
   const HostPagePool& pool(int layer) const noexcept { return cache_.pool(layer); }
   HostPagePool::SeqId id(int layer, int seq) const noexcept { return cache_.pool_seq(layer, seq); }
