@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "hattn/model/attention.hpp"
+#include "model/causal_table.hpp"
 
 namespace hattn::model {
 
@@ -108,24 +109,11 @@ Status DenseKvAttention::prefill(int layer, int seq, const float* q, std::int64_
   const HostPagePool::SeqId sid = id(layer, seq);
   PageTable whole;
   HATTN_RETURN_IF_ERROR(pool.build_page_table(std::span(&sid, 1), &whole));
-  // Causal prefill as a decode batch: query i is a "sequence" made of the
-  // first pages of the real one, cut at its own position. The pages are
-  // shared, so this costs page-table entries, not copies.
-  const std::int32_t page = opt_.page_size;
+  // Causal prefill as a decode batch (model/causal_table.hpp).
   const std::int64_t max_batch = std::max(opt_.num_sequences, opt_.max_prefill_tokens);
   for (std::int64_t first = 0; first < n; first += max_batch) {
     const auto batch = static_cast<std::int32_t>(std::min(max_batch, n - first));
-    table_.indptr.assign(1, 0);
-    table_.indices.clear();
-    table_.last_page_len.clear();
-    for (std::int32_t i = 0; i < batch; ++i) {
-      const std::int64_t visible = len - n + first + i + 1;
-      const std::int64_t pages = (visible + page - 1) / page;
-      table_.indices.insert(table_.indices.end(), whole.indices.begin(),
-                            whole.indices.begin() + pages);
-      table_.indptr.push_back(static_cast<std::int32_t>(table_.indices.size()));
-      table_.last_page_len.push_back(static_cast<std::int32_t>(visible - (pages - 1) * page));
-    }
+    detail::causal_prefix_table(whole, opt_.page_size, len - n + first + 1, batch, &table_);
     HATTN_RETURN_IF_ERROR(attend(pool.view(table_), batch, q + first * config_.q_dim(),
                                  o + first * config_.q_dim(), lse_scratch_.data()));
   }

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "hattn/model/lsh_kv_attention.hpp"
+#include "model/causal_table.hpp"
 
 namespace hattn::model {
 
@@ -286,18 +287,7 @@ Status LshKvAttention::prefill(int layer, int seq, const float* q, std::int64_t 
       HATTN_RETURN_IF_ERROR(backend_.run(plan, qv, kv, out, *executor_));
       continue;
     }
-    const std::int32_t page = whole_view.page_size;
-    table_.indptr.assign(1, 0);
-    table_.indices.clear();
-    table_.last_page_len.clear();
-    for (std::int32_t i = 0; i < batch; ++i) {
-      const std::int64_t visible = len - n + first + i + 1;
-      const std::int64_t pages = (visible + page - 1) / page;
-      table_.indices.insert(table_.indices.end(), whole_.indices.begin(),
-                            whole_.indices.begin() + pages);
-      table_.indptr.push_back(static_cast<std::int32_t>(table_.indices.size()));
-      table_.last_page_len.push_back(static_cast<std::int32_t>(visible - (pages - 1) * page));
-    }
+    detail::causal_prefix_table(whole_, whole_view.page_size, len - n + first + 1, batch, &table_);
     PagedKvView kv = whole_view;
     kv.batch_size = batch;
     kv.indptr = table_.indptr.data();
