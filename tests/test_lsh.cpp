@@ -373,17 +373,25 @@ TEST_CASE("lsh: decode equals the double reference on every ISA, dtype and head 
                             {DType::kF32, 64, 8},
                             {DType::kBF16, 256, 2},
                             {DType::kBF16, 64, 20}}) {
-      LshConfig cfg = config(6, 24);  // samples a good share of the keys
-      cfg.max_exact_tail = 100;
-      LshLayer layer = make_layer(cfg, 2 * G, 2, D, kv, {900, 50, 1300}, rng, isa);
-      for (bool merged : {true, false}) {
-        for (DType o : {DType::kF32, DType::kBF16}) {
-          const std::string what = std::string("isa ") + std::string(to_string(isa)) + " kv " +
-                                   std::string(to_string(kv)) + " D " + std::to_string(D) + " G " +
-                                   std::to_string(G) + (merged ? " merged" : " sampled") + " " +
-                                   seed_note();
-          check_decode_against_reference(layer, rng, merged, DType::kF32, o,
-                                         lsh_output_tolerance(o), what);
+      // kAuto, and for grouped heads each way of attending the sampled rows.
+      std::vector<LshConfig::Gather> gathers = {LshConfig::Gather::kAuto};
+      if (G > 1)
+        gathers.insert(gathers.end(), {LshConfig::Gather::kUnion, LshConfig::Gather::kPerHead});
+      for (LshConfig::Gather gather : gathers) {
+        LshConfig cfg = config(6, 24);  // samples a good share of the keys
+        cfg.max_exact_tail = 100;
+        cfg.gather = gather;
+        LshLayer layer = make_layer(cfg, 2 * G, 2, D, kv, {900, 50, 1300}, rng, isa);
+        for (bool merged : {true, false}) {
+          for (DType o : {DType::kF32, DType::kBF16}) {
+            const std::string what = std::string("isa ") + std::string(to_string(isa)) + " kv " +
+                                     std::string(to_string(kv)) + " D " + std::to_string(D) +
+                                     " G " + std::to_string(G) + " gather " +
+                                     std::to_string(static_cast<int>(gather)) +
+                                     (merged ? " merged" : " sampled") + " " + seed_note();
+            check_decode_against_reference(layer, rng, merged, DType::kF32, o,
+                                           lsh_output_tolerance(o), what);
+          }
         }
       }
     }
@@ -863,7 +871,7 @@ TEST_CASE("lsh: memory accounting; positions in 16 bits below 65536", "[lsh]") {
   CHECK(m.kv == 2 * std::size_t{8192} * 128 * 2);  // page-aligned length
   const std::size_t idx = 150 * (std::size_t{8192 - 68} * 2 + 1025 * 4);
   CHECK(m.index == idx);
-  CHECK(m.norms == (8192 - 68) * 4 + 128 * 4);
+  CHECK(m.means == 128 * 4);
 
   LshTables t(2, 1);
   std::vector<std::uint16_t> codes(70000);

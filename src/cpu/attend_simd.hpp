@@ -132,8 +132,11 @@ struct PlainScores {
   // Rows are prefetched a block ahead, all at once (they are sequential in
   // memory, so the hardware prefetchers carry most of the stream).
   static constexpr bool kRowPrefetch = false;
+  // Whether the kernel also computes |k - mu| per row (mu from key_mean()).
+  static constexpr bool kKeyNorm = false;
+  static const float* key_mean(const AttendArgs&) noexcept { return nullptr; }
   template <class B>
-  static B apply(const AttendArgs&, B s, int /*t0*/, int /*head*/) noexcept {
+  static B apply(const AttendArgs&, B s, int /*t0*/, int /*head*/, B /*kn*/) noexcept {
     return s;
   }
 };
@@ -158,8 +161,11 @@ struct SimdAttend {
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
   static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
-  // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead.
-  static constexpr int kAheadRows = W;
+  // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead:
+  // three blocks (measured at 64K tokens, one query head per call: 1 block
+  // 2.3-2.6 ms per step, 2-4 blocks 1.6-2.0; every other line only was worse
+  // once each row carried less arithmetic).
+  static constexpr int kAheadRows = 3 * W;
 
   // K and V rows [from, to) of KV head hk towards L1: issued while the
   // previous head is computed, so about 2 x 4 KiB are in flight ahead of use.
@@ -211,12 +217,14 @@ struct SimdAttend {
     const std::byte* const* v;
     std::ptrdiff_t koff, voff;  // byte offset of this head's rows
     int n;                      // rows of the call
+    const float* kmu;           // [D], kernel order: Scores::kKeyNorm only
   };
 
   // Scores of rows [t0, t0 + nb) for query heads [h0, h0 + HT): dots[h][t]
   // holds the W-lane partial products of row t, reduced later.
   template <int HT>
-  static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W]) noexcept {
+  static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W],
+                         float (*ndots)[W]) noexcept {
     const float* q = hd.q + h0 * D;
     // With 32 registers the tile's query rows are loaded once, not per row.
     constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
@@ -231,29 +239,37 @@ struct SimdAttend {
         return B::load_aligned(q + h * D + vi * W);
     };
     for (int t = 0; t < nb; ++t) {
-      // Gathered rows (random addresses): one row of the next block per row,
-      // so about a block of misses is in flight at any time. Every other line
-      // only: the L2 fetches the adjacent one, and fewer outstanding software
-      // prefetches leave the core's miss buffers to the demand loads
-      // (measured: 3.5 -> 3.1 ms of sampled attention per step at 64K).
+      // Gathered rows (random addresses): one row kAheadRows ahead per row,
+      // every line of it, towards L2 (locality 2).
       if constexpr (Scores::kRowPrefetch)
         if (h0 == 0 && t0 + t + kAheadRows < hd.n) {
-          for (int c = 0; c < kLinesPerRow; c += 2) {
+          for (int c = 0; c < kLinesPerRow; ++c) {
             __builtin_prefetch(hd.k[t0 + t + kAheadRows] + hd.koff + 64 * c, 0, 2);
             __builtin_prefetch(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c, 0, 2);
           }
         }
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
+      // |k - mu|^2 in W lanes, once per row (the first tile).
+      constexpr bool kNorm = Scores::kKeyNorm;
+      B nacc(0.0f);
       const std::byte* krow = hd.k[t0 + t] + hd.koff;
       for (int i = 0; i < kLoads; ++i) {
         B kv[Load::kVecs];
         Load::load(krow, i, kv);
-        for (int j = 0; j < Load::kVecs; ++j)
+        for (int j = 0; j < Load::kVecs; ++j) {
           for (int h = 0; h < HT; ++h)
             acc[h] = xsimd::fma(kv[j], q_at(h, i * Load::kVecs + j), acc[h]);
+          if constexpr (kNorm)
+            if (h0 == 0) {
+              const B dv = kv[j] - B::load_aligned(hd.kmu + (i * Load::kVecs + j) * W);
+              nacc = xsimd::fma(dv, dv, nacc);
+            }
+        }
       }
       for (int h = 0; h < HT; ++h) acc[h].store_aligned(dots[h0 + h][t]);
+      if constexpr (kNorm)
+        if (h0 == 0) nacc.store_aligned(ndots[t]);
     }
   }
 
@@ -305,6 +321,7 @@ struct SimdAttend {
     if constexpr (Scores::kRowPrefetch)  // the first block's rows
       prefetch_head(a, 0, 0, a.n < kAheadRows ? a.n : kAheadRows);
     alignas(64) float dots[kMaxGroupPerPass][W][W];
+    alignas(64) float ndots[W][W];  // |k - mu|^2 partials (Scores::kKeyNorm)
     alignas(64) float p[kMaxGroupPerPass][W];
     float alpha[kMaxGroupPerPass];
     float m[kMaxHeadsPerPass];
@@ -320,14 +337,21 @@ struct SimdAttend {
       for (int hk = 0; hk < a.NH; ++hk) {
         if constexpr (!Scores::kRowPrefetch) prefetch_next(a, hk, t0, nb);
         const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,   a.k, a.v,
-                      hk * a.k_head_stride, hk * a.v_head_stride, a.n};
+                      hk * a.k_head_stride, hk * a.v_head_stride, a.n, Scores::key_mean(a)};
         float* mh = m + hk * G;
         B* lh = lsum + hk * G;
         for_each_tile<kScoreTile>(
-            G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots); });
+            G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots, ndots); });
+        B kn(0.0f);
+        if constexpr (Scores::kKeyNorm) {
+          B rows[W];
+          for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(ndots[t]) : B(0.0f);
+          kn = xsimd::sqrt(Ops::haddp(rows));
+        }
         for (int h = 0; h < G; ++h) {
-          const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h],
-                                     [&](B sc) { return Scores::apply(a, sc, t0, hk * G + h); });
+          const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [&](B sc) {
+            return Scores::apply(a, sc, t0, hk * G + h, kn);
+          });
           pv.store_aligned(p[h]);
           lh[h] = lh[h] + pv;
         }

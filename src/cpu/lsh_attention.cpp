@@ -3,6 +3,7 @@
 #include <tbb/task_arena.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -63,6 +64,49 @@ struct Aligned64 {
   }
 };
 
+// Row pointers of indexed position p (relative to `offset`) of KV head h of a
+// one-sequence paged view, without divisions when the page size is a power
+// of two.
+class RowLocator {
+ public:
+  RowLocator(const PagedKvView& v, std::int32_t h, std::int64_t offset) noexcept
+      : pages_(v.indices + v.indptr[0]),
+        k_(static_cast<const std::byte*>(v.k) +
+           h * v.k_strides.head * static_cast<std::int64_t>(size_of(v.dtype))),
+        v_(static_cast<const std::byte*>(v.v) +
+           h * v.v_strides.head * static_cast<std::int64_t>(size_of(v.dtype))),
+        kpage_(v.k_strides.outer * static_cast<std::int64_t>(size_of(v.dtype))),
+        vpage_(v.v_strides.outer * static_cast<std::int64_t>(size_of(v.dtype))),
+        ktok_(v.k_strides.token * static_cast<std::int64_t>(size_of(v.dtype))),
+        vtok_(v.v_strides.token * static_cast<std::int64_t>(size_of(v.dtype))),
+        page_size_(v.page_size),
+        shift_(std::has_single_bit(static_cast<std::uint64_t>(v.page_size))
+                   ? std::countr_zero(static_cast<std::uint64_t>(v.page_size))
+                   : -1),
+        offset_(offset) {}
+
+  hattn::detail::RowPtrs operator()(std::uint32_t p) const noexcept {
+    const std::int64_t t = offset_ + p;
+    std::int64_t page, off;
+    if (shift_ >= 0) {
+      page = t >> shift_;
+      off = t & (page_size_ - 1);
+    } else {
+      page = t / page_size_;
+      off = t % page_size_;
+    }
+    const std::int64_t pg = pages_[page];
+    return {k_ + pg * kpage_ + off * ktok_, v_ + pg * vpage_ + off * vtok_};
+  }
+
+ private:
+  const std::int32_t* pages_;
+  const std::byte *k_, *v_;
+  std::int64_t kpage_, vpage_, ktok_, vtok_, page_size_;
+  int shift_;
+  std::int64_t offset_;
+};
+
 }  // namespace
 
 // Per-thread scratch of decode: epoch-stamped collision counters, head masks,
@@ -75,7 +119,6 @@ struct Scratch {
   std::vector<std::uint32_t> sampled;  // union over the pass's heads, ascending
   std::vector<std::uint16_t> umask;    // [union]: bit g = head g sampled it
   std::vector<const std::byte*> krows, vrows;
-  std::vector<float> kn;                     // [cap + chunk]: norms of the union's keys
   std::vector<std::uint16_t> qcodes;         // [16][L]
   std::vector<std::uint32_t> ranges;         // [16 L][2]: bucket bounds of a walk
   std::vector<const std::uint32_t*> bounds;  // [16 L]: where each task's bounds are
@@ -83,6 +126,11 @@ struct Scratch {
   // [16][D] each: queries (natural, LSH kernel order, dense kernel order),
   // accumulator, sampled and exact outputs.
   std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
+  std::vector<float, Aligned64<float>> muk;  // [D]: the head's key mean in kernel order
+  // Of the last retrieval: the sum over the pass's heads of their set sizes,
+  // the size of their union, and whether sampled/umask hold that union yet.
+  std::int64_t sampled_total = 0, union_size = 0;
+  bool union_built = false;
   std::int64_t cap = 0;
   std::uint16_t epoch = 0;
 
@@ -93,6 +141,7 @@ struct Scratch {
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
     for (auto* v : {&qf, &qd, &acc, &os, &oe})
       if (v->size() < hd) v->resize(hd);
+    if (muk.size() < static_cast<std::size_t>(D)) muk.resize(static_cast<std::size_t>(D));
     if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L) {
       qcodes.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
       ranges.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L * 2);
@@ -104,7 +153,6 @@ struct Scratch {
       seen.assign(kMaxGroupPerPass * words, 0);
       hits.assign(kMaxGroupPerPass * words, 0);
       sampled.reserve(static_cast<std::size_t>(n));
-      kn.resize(static_cast<std::size_t>(n) + detail::kLshPad);
       umask.reserve(static_cast<std::size_t>(n) + detail::kLshPad);
       cap = n;
     }
@@ -134,11 +182,10 @@ struct LshAttention::Seq {
   HostPagePool::SeqId pool_id = -1;
   std::int64_t length = 0;
   std::int64_t sink_end = 0;
-  std::int64_t indexed_end = 0;           // the exact tail starts here
-  bool centered = false;                  // mu fixed
-  std::vector<float> mu;                  // [Hk][D]
-  std::vector<std::vector<float>> norms;  // [Hk][indexed]: |k - mu|
-  std::vector<LshTables> tables;          // [Hk]
+  std::int64_t indexed_end = 0;   // the exact tail starts here
+  bool centered = false;          // mu fixed
+  std::vector<float> mu;          // [Hk][D]
+  std::vector<LshTables> tables;  // [Hk]
   PageTable page_table;
   PagedKvView view{};  // this sequence alone (batch 1)
 
@@ -247,9 +294,9 @@ const SimHash& LshAttention::projection(std::int32_t kv_head) const noexcept {
 
 namespace {
 
-// Centers rows [from, to) of KV head h, hashes them and returns their norms.
+// Centers rows [from, to) of KV head h and hashes them.
 void hash_rows(const PagedKvView& view, std::int32_t h, std::int64_t from, std::int64_t to,
-               const float* mu, const SimHash& proj, std::uint16_t* codes, float* norms) {
+               const float* mu, const SimHash& proj, std::uint16_t* codes) {
   const std::int32_t D = view.head_dim;
   std::vector<float> x(static_cast<std::size_t>(kHashBlock) * D);
   for (std::int64_t r0 = from; r0 < to; r0 += kHashBlock) {
@@ -257,12 +304,7 @@ void hash_rows(const PagedKvView& view, std::int32_t h, std::int64_t from, std::
     for (std::int64_t r = 0; r < nr; ++r) {
       float* xr = x.data() + r * D;
       widen_row(hattn::detail::row_at(view, 0, h, r0 + r).k, view.dtype, D, xr);
-      double n2 = 0.0;
-      for (std::int32_t d = 0; d < D; ++d) {
-        xr[d] -= mu[d];
-        n2 += double{xr[d]} * xr[d];
-      }
-      norms[r0 - from + r] = static_cast<float>(std::sqrt(n2));
+      for (std::int32_t d = 0; d < D; ++d) xr[d] -= mu[d];
     }
     proj.hash(x.data(), nr, D, codes + (r0 - from) * proj.L());
   }
@@ -289,7 +331,6 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
     seq->sink_end = std::min<std::int64_t>(config_.sink, n);
     seq->indexed_end = std::max(seq->sink_end, n - config_.window);
     seq->mu.assign(static_cast<std::size_t>(Hk) * D, 0.0f);
-    seq->norms.resize(static_cast<std::size_t>(Hk));
     seq->tables.assign(static_cast<std::size_t>(Hk), LshTables(config_.K, config_.L));
     const HostPagePool::SeqId one[] = {seq->pool_id};
     HATTN_RETURN_IF_ERROR(im.pool.build_page_table(one, &seq->page_table));
@@ -309,9 +350,7 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
         float* mu = s.mu.data() + h * D;
         for (std::int32_t d = 0; d < D; ++d) mu[d] = static_cast<float>(sum[d] / double(ni));
         std::vector<std::uint16_t> codes(static_cast<std::size_t>(ni) * config_.L);
-        s.norms[h].resize(static_cast<std::size_t>(ni));
-        hash_rows(s.view, hh, s.sink_end, s.indexed_end, mu, im.proj_of(hh), codes.data(),
-                  s.norms[h].data());
+        hash_rows(s.view, hh, s.sink_end, s.indexed_end, mu, im.proj_of(hh), codes.data());
         s.tables[h].build(codes.data(), ni);
       });
     }
@@ -363,10 +402,7 @@ Status LshAttention::append(SeqId id, const void* keys, const void* values, std:
         }
         for (std::int32_t d = 0; d < D; ++d) mu[d] = static_cast<float>(sum[d] / double(nn));
       }
-      auto& norms = s.norms[static_cast<std::size_t>(h)];
-      const std::size_t old = norms.size();
-      norms.resize(old + static_cast<std::size_t>(nn));
-      hash_rows(s.view, h, from, to, mu, im.proj_of(h), codes.data(), norms.data() + old);
+      hash_rows(s.view, h, from, to, mu, im.proj_of(h), codes.data());
       s.tables[static_cast<std::size_t>(h)].insert(codes.data(), nn);
     }
   } catch (const std::bad_alloc&) {
@@ -401,8 +437,7 @@ Status LshAttention::memory(SeqId id, LshMemory* out) const noexcept {
   LshMemory m;
   m.kv = 2 * impl_->pool.page_bytes() * s.page_table.indices.size();
   for (const auto& t : s.tables) m.index += t.bytes();
-  for (const auto& n : s.norms) m.norms += n.size() * sizeof(float);
-  m.norms += s.mu.size() * sizeof(float);
+  m.means = s.mu.size() * sizeof(float);
   *out = m;
   return Status::ok();
 }
@@ -449,9 +484,8 @@ Status LshAttention::rebuild_index(SeqId id, const CpuExecutor& executor) {
     executor.parallel_for(shape_.num_kv_heads, [&](std::int64_t h) {
       const auto hh = static_cast<std::int32_t>(h);
       std::vector<std::uint16_t> codes(static_cast<std::size_t>(ni) * config_.L);
-      s.norms[h].resize(static_cast<std::size_t>(ni));
       hash_rows(s.view, hh, s.sink_end, s.indexed_end, s.mu.data() + h * D, impl_->proj_of(hh),
-                codes.data(), s.norms[h].data());
+                codes.data());
       s.tables[h].build(codes.data(), ni);
     });
   } catch (const std::bad_alloc&) {
@@ -516,8 +550,14 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
               std::int32_t L, std::int32_t m, bool all, Scratch& sc) {
   sc.sampled.clear();
   sc.umask.clear();
+  sc.sampled_total = 0;
+  sc.union_size = 0;
+  sc.union_built = false;
   if (n <= 0) return;
   if (all) {
+    sc.sampled_total = n * gp;
+    sc.union_size = n;
+    sc.union_built = true;
     const auto every = static_cast<std::uint16_t>((1u << gp) - 1u);
     for (std::int64_t i = 0; i < n; ++i) {
       sc.sampled.push_back(static_cast<std::uint32_t>(i));
@@ -586,19 +626,54 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
       }
     });
   }
+  std::int64_t total = 0, any_count = 0;
   for (std::int64_t w = 0; w < words; ++w) {
     std::uint64_t any = 0;
-    for (std::int32_t g = 0; g < gp; ++g) any |= sc.hits[g * stride + w];
+    for (std::int32_t g = 0; g < gp; ++g) {
+      any |= hits[g * stride + w];
+      total += __builtin_popcountll(hits[g * stride + w]);
+    }
+    any_count += __builtin_popcountll(any);
+  }
+  sc.sampled_total = total;
+  sc.union_size = any_count;
+}
+
+// The union of the pass's sets from the bitsets retrieve() left (ascending),
+// with umask[j] bit g set when head g sampled the j-th position.
+void build_union(std::int64_t n, std::int32_t gp, Scratch& sc) {
+  if (sc.union_built) return;
+  const std::int64_t words = (n + 63) / 64;
+  const std::int64_t stride = (sc.cap + 63) / 64;
+  const std::uint64_t* hits = sc.hits.data();
+  for (std::int64_t w = 0; w < words; ++w) {
+    std::uint64_t any = 0;
+    for (std::int32_t g = 0; g < gp; ++g) any |= hits[g * stride + w];
     while (any != 0) {
       const int b = __builtin_ctzll(any);
       any &= any - 1;
       std::uint16_t mk = 0;
       for (std::int32_t g = 0; g < gp; ++g)
-        mk = static_cast<std::uint16_t>(mk | (((sc.hits[g * stride + w] >> b) & 1u) << g));
+        mk = static_cast<std::uint16_t>(mk | (((hits[g * stride + w] >> b) & 1u) << g));
       sc.sampled.push_back(static_cast<std::uint32_t>(w * 64 + b));
       sc.umask.push_back(mk);
     }
   }
+  sc.union_built = true;
+}
+
+// Whether the pass's heads attend their own rows rather than the union (see
+// LshConfig::Gather). Per head needs the per-head bitsets, which sampling
+// everything does not fill (and there every head has every row anyway).
+bool per_head_gather(const LshConfig& c, std::int32_t gp, std::int64_t union_size,
+                     std::int64_t total) noexcept {
+  if (gp == 1 || c.sample_all) return false;
+  switch (c.gather) {
+    case LshConfig::Gather::kUnion: return false;
+    case LshConfig::Gather::kPerHead: return true;
+    case LshConfig::Gather::kAuto: break;
+  }
+  return 4 * total < 3 * std::int64_t{gp} * union_size;
 }
 
 }  // namespace
@@ -619,6 +694,7 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
   impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
   retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
            config_.min_collisions, config_.sample_all, sc);
+  build_union(s.indexed(), 1, sc);
   out->clear();
   for (std::uint32_t i : sc.sampled) out->push_back(s.sink_end + i);
   std::sort(out->begin(), out->end());
@@ -743,34 +819,53 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
       else
         im.proj_of(h).hash(qf, gp, D, qcodes);
       retrieve(tab, ni, gp, codes, L, config_.min_collisions, config_.sample_all, sc);
-      const auto nu = static_cast<std::int32_t>(sc.sampled.size());
+      const auto nu = static_cast<std::int32_t>(sc.union_size);
       if (nu > 0) {
-        const float* norms = s.norms[static_cast<std::size_t>(h)].data();
-        for (std::int32_t j = 0; j < nu; ++j) {
-          const auto rows = hattn::detail::row_at(s.view, 0, h, s.sink_end + sc.sampled[j]);
-          sc.krows[j] = rows.k;
-          sc.vrows[j] = rows.v;
-          sc.kn[j] = norms[sc.sampled[j]];
-        }
-        // Padding the kernel's vector loads read.
-        std::fill_n(sc.kn.data() + nu, detail::kLshPad, 1.0f);
-        sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
+        const float qs = scale * kLog2e;
+        float* qd = sc.qd.data();
+        for (std::int32_t g = 0; g < gp; ++g)
+          for (std::int32_t i = 0; i < D; ++i) qd[g * D + i] = qf[g * D + im.lsh_q_natural[i]] * qs;
+        for (std::int32_t i = 0; i < D; ++i) sc.muk[i] = mu[im.lsh_q_natural[i]];
         float* acc = sc.acc.data();
         std::fill_n(acc, gp * D, 0.0f);
         float m[kMaxGroupPerPass], l[kMaxGroupPerPass];
         std::fill_n(m, gp, kNegInf);
         std::fill_n(l, gp, 0.0f);
-        const float qs = scale * kLog2e;
-        const detail::LshScoreCtx ctx{
-            sc.kn.data(),  sc.umask.data(), qn,
-            qmu,           1.0f / qs,       config_.sample_all ? nullptr : im.corr.data(),
-            kCorrIntervals};
-        float* qd = sc.qd.data();
-        for (std::int32_t g = 0; g < gp; ++g)
-          for (std::int32_t i = 0; i < D; ++i) qd[g * D + i] = qf[g * D + im.lsh_q_natural[i]] * qs;
-        detail::AttendArgs args{qd, acc, m, l, 1, gp, sc.krows.data(), sc.vrows.data(), 0, 0, nu};
-        args.ctx = &ctx;
-        im.sampled.attend(args);
+        const RowLocator loc(s.view, h, s.sink_end);
+        auto add_row = [&](std::int32_t j, std::uint32_t pos) {
+          const auto rows = loc(pos);
+          sc.krows[j] = rows.k;
+          sc.vrows[j] = rows.v;
+        };
+        // Rows [0, rows) gathered above, for query heads [g, g + count) of
+        // the pass; umask null when every head sampled every row.
+        auto attend = [&](std::int32_t rows, std::int32_t g, std::int32_t count,
+                          const std::uint16_t* umask) {
+          const detail::LshScoreCtx ctx{
+              sc.muk.data(), umask,     qn + g,
+              qmu + g,       1.0f / qs, config_.sample_all ? nullptr : im.corr.data(),
+              kCorrIntervals};
+          detail::AttendArgs args{qd + g * D,      acc + g * D,     m + g, l + g, 1,   count,
+                                  sc.krows.data(), sc.vrows.data(), 0,     0,     rows};
+          args.ctx = &ctx;
+          im.sampled.attend(args);
+        };
+        if (per_head_gather(config_, gp, nu, sc.sampled_total)) {
+          const std::int64_t stride = (sc.cap + 63) / 64, words = (ni + 63) / 64;
+          for (std::int32_t g = 0; g < gp; ++g) {
+            const std::uint64_t* hg = sc.hits.data() + g * stride;
+            std::int32_t rows = 0;
+            for (std::int64_t w = 0; w < words; ++w)
+              for (std::uint64_t bits = hg[w]; bits != 0; bits &= bits - 1)
+                add_row(rows++, static_cast<std::uint32_t>(w * 64 + __builtin_ctzll(bits)));
+            if (rows > 0) attend(rows, g, 1, nullptr);
+          }
+        } else {
+          build_union(ni, gp, sc);
+          for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
+          sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
+          attend(nu, 0, gp, config_.sample_all ? nullptr : sc.umask.data());
+        }
         for (std::int32_t g = 0; g < gp; ++g) {
           const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
           lse_s[g] = l[g] > 0.0f ? m[g] + std::log2(l[g]) : kNegInf;

@@ -21,13 +21,16 @@ using HashFn = void (*)(const float* x, std::int64_t rows, std::int64_t x_stride
 // score transform. For head g (of the pass) and row j the kernel's score
 // s = qscale q_g.k_j becomes
 //   s + log2(e) corr(cos),  cos = (s / qscale - qmu[g]) / (qn[g] kn[j])
-// (clamped to [-1, 1]; 0 when kn[j] = 0), corr linearly interpolated in a
+// with kn[j] = |k_j - mu| computed by the kernel from the row it loads (a
+// stored norm per key would be one more random cache miss per sampled row)
+// (cos clamped to [-1, 1]; 0 when kn[j] = 0), corr linearly interpolated in a
 // table of -ln(u + eps) at cos = -1 + 2 i / intervals (no correction when
 // corr is null), and -inf where umask[j] lacks bit g (head g did not sample
-// row j). AttendArgs::ctx points to this; AttendArgs::NH must be 1.
+// row j; a null umask means every row is sampled by every head). AttendArgs::ctx
+// points to this; AttendArgs::NH must be 1.
 struct LshScoreCtx {
-  const float* kn;             // [n + kLshPad]: |k_j - mu|; the padding is read, not used
-  const std::uint16_t* umask;  // [n + kLshPad]
+  const float* mu;             // [D]: the key mean, in the kernel's q order
+  const std::uint16_t* umask;  // [n + kLshPad] (the padding is read, not used), or null
   const float* qn;             // [G]
   const float* qmu;            // [G]: q_g . mu
   float inv_qscale;

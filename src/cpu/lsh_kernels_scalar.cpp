@@ -38,18 +38,23 @@ void attend_scalar(const AttendArgs& a) noexcept {
   for (std::int32_t t0 = 0; t0 < a.n; t0 += kBlock) {
     const std::int32_t nb = std::min(kBlock, a.n - t0);
     for (std::int32_t t = 0; t < nb; ++t) {
-      for (int d = 0; d < D; ++d) row[d] = row_element<KvT>(a.k[t0 + t], d);
+      float n2 = 0.0f;
+      for (int d = 0; d < D; ++d) {
+        row[d] = row_element<KvT>(a.k[t0 + t], d);
+        n2 += (row[d] - c.mu[d]) * (row[d] - c.mu[d]);
+      }
+      const float kn = std::sqrt(n2);
       for (std::int32_t g = 0; g < a.G; ++g) {
         float dot = 0.0f;
         for (int d = 0; d < D; ++d) dot += a.q[std::int64_t{g} * D + d] * row[d];
         float sv = dot;
         if (c.corr != nullptr) {
-          const float den = c.qn[g] * c.kn[t0 + t];
+          const float den = c.qn[g] * kn;
           float cs = den > 0.0f ? (dot * c.inv_qscale - c.qmu[g]) / den : 0.0f;
           cs = std::min(std::max(cs, -1.0f), 1.0f);
           sv += lsh_correction(c.corr, c.intervals, cs) * 1.4426950408889634f;
         }
-        if (((c.umask[t0 + t] >> g) & 1u) == 0) sv = -INFINITY;
+        if (c.umask != nullptr && ((c.umask[t0 + t] >> g) & 1u) == 0) sv = -INFINITY;
         s[g][t] = sv;
       }
     }

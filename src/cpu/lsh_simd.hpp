@@ -122,13 +122,17 @@ struct LshScores {
   using I = xsimd::batch<std::int32_t, A>;
   static constexpr int W = static_cast<int>(B::size);
   static constexpr bool kRowPrefetch = true;
+  static constexpr bool kKeyNorm = true;
+  static const float* key_mean(const AttendArgs& a) noexcept {
+    return static_cast<const LshScoreCtx*>(a.ctx)->mu;
+  }
 
-  static B apply(const AttendArgs& a, B s, int t0, int head) noexcept {
+  static B apply(const AttendArgs& a, B s, int t0, int head, B kn) noexcept {
     const auto& c = *static_cast<const LshScoreCtx*>(a.ctx);
     const B zero(0.0f), one(1.0f);
     if (c.corr != nullptr) {
       const B d = s * B(c.inv_qscale);
-      const B den = B(c.qn[head]) * B::load_unaligned(c.kn + t0);
+      const B den = B(c.qn[head]) * kn;
       B cs = xsimd::select(den > zero, (d - B(c.qmu[head])) / den, zero);
       cs = xsimd::min(xsimd::max(cs, B(-1.0f)), one);
       const B x = (cs + one) * B(0.5f * static_cast<float>(c.intervals));
@@ -137,7 +141,7 @@ struct LshScores {
       const B t0v = B::gather(c.corr, i), t1v = B::gather(c.corr, i + I(1));
       s = xsimd::fma(xsimd::fma(f, t1v - t0v, t0v), B(1.4426950408889634f), s);
     }
-    return SampledMask<A>::apply(s, c.umask + t0, head);
+    return c.umask != nullptr ? SampledMask<A>::apply(s, c.umask + t0, head) : s;
   }
 };
 

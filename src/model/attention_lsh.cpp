@@ -325,7 +325,7 @@ std::size_t LshKvAttention::index_bytes() const noexcept {
     for (int s = 0; s < opt_.num_sequences; ++s) {
       cpu::LshMemory m;
       if (L.sealed[static_cast<std::size_t>(s)] && L.lsh->memory(s, &m).is_ok())
-        total += m.index + m.norms;
+        total += m.index + m.means;
     }
   }
   return total;

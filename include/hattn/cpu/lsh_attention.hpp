@@ -65,7 +65,7 @@ struct LshShape {
 struct LshMemory {
   std::size_t kv = 0;     // K and V pages
   std::size_t index = 0;  // hash tables (offsets, positions, side tables)
-  std::size_t norms = 0;  // |k - mu| of indexed keys, and mu
+  std::size_t means = 0;  // the key mean mu per KV head (|k - mu| is computed when sampled)
 };
 
 // Token ranges of a sequence that are attended exactly: [0, sink_end) and

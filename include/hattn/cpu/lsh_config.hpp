@@ -32,6 +32,16 @@ struct LshConfig {
   // One projection for every layer and KV head, or one per (layer, KV head).
   enum class Projection : std::uint8_t { kShared, kPerHead };
   Projection projection = Projection::kShared;
+  // How the sampled rows of a KV group's query heads are attended: the union
+  // of their sets in one pass (each K/V row loaded once and scored for every
+  // head of the group, masked where a head did not sample it), or each head
+  // over its own rows (rows sampled by several heads are loaded again, from
+  // cache; no arithmetic on rows a head did not sample). kAuto takes the
+  // union when the heads' sets overlap enough (their total size under 3/4
+  // of group size x union size), per head otherwise. Results are exact
+  // either way and do not depend on the thread count.
+  enum class Gather : std::uint8_t { kAuto, kUnion, kPerHead };
+  Gather gather = Gather::kAuto;
   // Testing aid: every indexed key is sampled with u = 1 and no correction,
   // so the result must equal dense attention.
   bool sample_all = false;

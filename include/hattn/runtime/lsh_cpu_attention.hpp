@@ -151,7 +151,7 @@ class LshCpuAttention {
   }
   bool is_dense_layer(std::int32_t l) const noexcept { return lsh_layer(l) == nullptr; }
 
-  // Bytes of the LSH layers' indexes (hash tables, key norms, mu), and of
+  // Bytes of the LSH layers' indexes (hash tables, key means mu), and of
   // their KV copies.
   std::size_t index_bytes() const noexcept { return memory_of(&cpu::LshMemory::index, true); }
   std::size_t lsh_kv_bytes() const noexcept { return memory_of(&cpu::LshMemory::kv, false); }
@@ -224,13 +224,13 @@ class LshCpuAttention {
   }
 
  private:
-  std::size_t memory_of(std::size_t cpu::LshMemory::*field, bool with_norms) const noexcept {
+  std::size_t memory_of(std::size_t cpu::LshMemory::*field, bool with_means) const noexcept {
     std::size_t total = 0;
     for (const auto& l : layers_)
       for (std::int32_t s = 0; l && s < kv_->num_sequences(); ++s) {
         cpu::LshMemory m;
         if (l->contains(s) && l->memory(s, &m).is_ok())
-          total += m.*field + (with_norms ? m.norms : 0);
+          total += m.*field + (with_means ? m.means : 0);
       }
     return total;
   }
