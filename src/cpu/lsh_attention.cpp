@@ -127,9 +127,9 @@ struct Scratch {
   // accumulator, sampled and exact outputs.
   std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
   std::vector<float, Aligned64<float>> muk;  // [D]: the head's key mean in kernel order
-  // Of the last retrieval: the sum over the pass's heads of their set sizes,
-  // the size of their union, and whether sampled/umask hold that union yet.
-  std::int64_t sampled_total = 0, union_size = 0;
+  // Of the last retrieval: the size of the union of the pass's sets, and
+  // whether sampled/umask hold that union yet.
+  std::int64_t union_size = 0;
   bool union_built = false;
   std::int64_t cap = 0;
   std::uint16_t epoch = 0;
@@ -550,12 +550,10 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
               std::int32_t L, std::int32_t m, bool all, Scratch& sc) {
   sc.sampled.clear();
   sc.umask.clear();
-  sc.sampled_total = 0;
   sc.union_size = 0;
   sc.union_built = false;
   if (n <= 0) return;
   if (all) {
-    sc.sampled_total = n * gp;
     sc.union_size = n;
     sc.union_built = true;
     const auto every = static_cast<std::uint16_t>((1u << gp) - 1u);
@@ -626,16 +624,12 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
       }
     });
   }
-  std::int64_t total = 0, any_count = 0;
+  std::int64_t any_count = 0;
   for (std::int64_t w = 0; w < words; ++w) {
     std::uint64_t any = 0;
-    for (std::int32_t g = 0; g < gp; ++g) {
-      any |= hits[g * stride + w];
-      total += __builtin_popcountll(hits[g * stride + w]);
-    }
+    for (std::int32_t g = 0; g < gp; ++g) any |= hits[g * stride + w];
     any_count += __builtin_popcountll(any);
   }
-  sc.sampled_total = total;
   sc.union_size = any_count;
 }
 
@@ -660,20 +654,6 @@ void build_union(std::int64_t n, std::int32_t gp, Scratch& sc) {
     }
   }
   sc.union_built = true;
-}
-
-// Whether the pass's heads attend their own rows rather than the union (see
-// LshConfig::Gather). Per head needs the per-head bitsets, which sampling
-// everything does not fill (and there every head has every row anyway).
-bool per_head_gather(const LshConfig& c, std::int32_t gp, std::int64_t union_size,
-                     std::int64_t total) noexcept {
-  if (gp == 1 || c.sample_all) return false;
-  switch (c.gather) {
-    case LshConfig::Gather::kUnion: return false;
-    case LshConfig::Gather::kPerHead: return true;
-    case LshConfig::Gather::kAuto: break;
-  }
-  return 4 * total < 3 * std::int64_t{gp} * union_size;
 }
 
 }  // namespace
@@ -750,7 +730,10 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
 
   const float scale = shape_.sm_scale ? *shape_.sm_scale : 1.0f / std::sqrt(float(D));
   const std::int32_t L = config_.L;
-  const std::int32_t gmax = std::min(G, kMaxGroupPerPass);
+  // Work items: (sequence, query head), or with the union gather (sequence,
+  // KV head, pass of up to 16 of its query heads).
+  const std::int32_t gmax =
+      config_.gather == LshConfig::Gather::kUnion ? std::min(G, kMaxGroupPerPass) : 1;
   const std::int32_t passes = (G + gmax - 1) / gmax;
   const std::int64_t items = std::int64_t{B} * Hk * passes;
 
@@ -837,35 +820,20 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
           sc.krows[j] = rows.k;
           sc.vrows[j] = rows.v;
         };
-        // Rows [0, rows) gathered above, for query heads [g, g + count) of
-        // the pass; umask null when every head sampled every row.
-        auto attend = [&](std::int32_t rows, std::int32_t g, std::int32_t count,
-                          const std::uint16_t* umask) {
-          const detail::LshScoreCtx ctx{
-              sc.muk.data(), umask,     qn + g,
-              qmu + g,       1.0f / qs, config_.sample_all ? nullptr : im.corr.data(),
-              kCorrIntervals};
-          detail::AttendArgs args{qd + g * D,      acc + g * D,     m + g, l + g, 1,   count,
-                                  sc.krows.data(), sc.vrows.data(), 0,     0,     rows};
-          args.ctx = &ctx;
-          im.sampled.attend(args);
-        };
-        if (per_head_gather(config_, gp, nu, sc.sampled_total)) {
-          const std::int64_t stride = (sc.cap + 63) / 64, words = (ni + 63) / 64;
-          for (std::int32_t g = 0; g < gp; ++g) {
-            const std::uint64_t* hg = sc.hits.data() + g * stride;
-            std::int32_t rows = 0;
-            for (std::int64_t w = 0; w < words; ++w)
-              for (std::uint64_t bits = hg[w]; bits != 0; bits &= bits - 1)
-                add_row(rows++, static_cast<std::uint32_t>(w * 64 + __builtin_ctzll(bits)));
-            if (rows > 0) attend(rows, g, 1, nullptr);
-          }
-        } else {
-          build_union(ni, gp, sc);
-          for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
-          sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
-          attend(nu, 0, gp, config_.sample_all ? nullptr : sc.umask.data());
-        }
+        build_union(ni, gp, sc);
+        for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
+        sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
+        const bool every = gp == 1 || config_.sample_all;  // every head sampled every row
+        const detail::LshScoreCtx ctx{sc.muk.data(),
+                                      every ? nullptr : sc.umask.data(),
+                                      qn,
+                                      qmu,
+                                      1.0f / qs,
+                                      config_.sample_all ? nullptr : im.corr.data(),
+                                      kCorrIntervals};
+        detail::AttendArgs args{qd, acc, m, l, 1, gp, sc.krows.data(), sc.vrows.data(), 0, 0, nu};
+        args.ctx = &ctx;
+        im.sampled.attend(args);
         for (std::int32_t g = 0; g < gp; ++g) {
           const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
           lse_s[g] = l[g] > 0.0f ? m[g] + std::log2(l[g]) : kNegInf;
