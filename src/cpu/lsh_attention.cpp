@@ -820,10 +820,17 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
           sc.krows[j] = rows.k;
           sc.vrows[j] = rows.v;
         };
-        build_union(ni, gp, sc);
-        for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
-        sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
         const bool every = gp == 1 || config_.sample_all;  // every head sampled every row
+        if (gp == 1 && !sc.union_built) {  // the head's bitset, straight to row pointers
+          std::int32_t j = 0;
+          for (std::int64_t w = 0; w < (ni + 63) / 64; ++w)
+            for (std::uint64_t bits = sc.hits[w]; bits != 0; bits &= bits - 1)
+              add_row(j++, static_cast<std::uint32_t>(w * 64 + __builtin_ctzll(bits)));
+        } else {
+          build_union(ni, gp, sc);
+          for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
+          sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
+        }
         const detail::LshScoreCtx ctx{sc.muk.data(),
                                       every ? nullptr : sc.umask.data(),
                                       qn,
