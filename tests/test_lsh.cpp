@@ -27,9 +27,11 @@ namespace {
 // have, so centering matters); values unit normal.
 LshLayer make_layer(const LshConfig& cfg, std::int32_t Hq, std::int32_t Hk, std::int32_t D,
                     DType kv, const std::vector<std::int64_t>& lens, std::mt19937_64& rng,
-                    CpuIsa isa = cpu_isa_default(), float offset = 0.5f) {
+                    CpuIsa isa = cpu_isa_default(), float offset = 0.5f,
+                    std::int32_t page_size = 16) {
   LshLayer layer;
   layer.cfg = cfg;
+  layer.shape.page_size = page_size;
   layer.shape.num_q_heads = Hq;
   layer.shape.num_kv_heads = Hk;
   layer.shape.head_dim = D;
@@ -82,6 +84,10 @@ TEST_CASE("lsh: config validation names the bad field", "[lsh][errors]") {
   CHECK(bad([](LshConfig& c) { c.K = 17; }) == StatusCode::kInvalidArgument);  // > uint16 codes
   CHECK(bad([](LshConfig& c) { c.L = 1; }) == StatusCode::kInvalidArgument);   // L < m
   CHECK(bad([](LshConfig& c) { c.min_collisions = 0; }) == StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.gather = static_cast<LshConfig::Gather>(7); }) ==
+        StatusCode::kInvalidArgument);
+  CHECK(bad([](LshConfig& c) { c.projection = static_cast<LshConfig::Projection>(7); }) ==
+        StatusCode::kInvalidArgument);
   CHECK(bad([](LshConfig& c) { c.eps = 0.0f; }) == StatusCode::kInvalidArgument);
   CHECK(bad([](LshConfig& c) { c.eps = NAN; }) == StatusCode::kInvalidArgument);
   CHECK(bad([](LshConfig& c) { c.sink = -1; }) == StatusCode::kInvalidArgument);
@@ -395,41 +401,62 @@ TEST_CASE("lsh: decode equals the double reference on every ISA, dtype and head 
       }
     }
   }
+  // Pages that are not a power of two (row addresses by division) and m = 3
+  // (epoch-stamped counters), both gathers.
+  for (LshConfig::Gather gather : {LshConfig::Gather::kPerHead, LshConfig::Gather::kUnion}) {
+    LshConfig cfg = config(5, 24);
+    cfg.min_collisions = 3;
+    cfg.max_exact_tail = 100;
+    cfg.gather = gather;
+    LshLayer layer =
+        make_layer(cfg, 8, 2, 128, DType::kBF16, {900, 50, 1300}, rng, cpu_isa_default(), 0.5f, 12);
+    for (bool merged : {true, false}) {
+      const std::string what = std::string("page 12, m 3, gather ") +
+                               std::to_string(static_cast<int>(gather)) +
+                               (merged ? " merged " : " sampled ") + seed_note();
+      check_decode_against_reference(layer, rng, merged, DType::kF32, DType::kF32,
+                                     lsh_output_tolerance(DType::kF32), what);
+    }
+  }
 }
 
 TEST_CASE("lsh check 5: sampling everything (u = 1) reproduces dense attention", "[lsh]") {
   auto rng = make_rng("lsh-check5");
   for (CpuIsa isa : available_isas()) {
-    LshConfig cfg = config(10, 150);
-    cfg.sample_all = true;
-    const std::vector<std::int64_t> lens{3000, 77, 1234};
-    LshLayer layer = make_layer(cfg, 8, 2, 128, DType::kF32, lens, rng, isa);
-    const auto ids = seq_ids(lens.size());
-    const std::int32_t B = 3, Hq = 8, D = 128;
-    std::vector<float> q = normals(rng, std::size_t(B) * Hq * D);
-    std::vector<float> o(std::size_t(B) * Hq * D), lse(std::size_t(B) * Hq);
-    const QueryView qv = make_query_view(q.data(), DType::kF32, B, Hq, D);
-    REQUIRE(layer.attn
-                ->decode(ids, qv, make_partial_view(o.data(), DType::kF32, lse.data(), B, Hq, D),
-                         shared_executor())
-                .is_ok());
-    // Dense reference over the layer's own cache, through its paged view.
-    PageTable table;
-    PagedKvView kv;
-    REQUIRE(layer.attn->kv_view(ids, &table, &kv).is_ok());
-    DecodeProblem p{B, Hq, 2, D, DType::kF32, DType::kF32, DType::kF32, {}};
-    ref::Result r;
-    REQUIRE(ref::decode(p, qv, kv, &r).is_ok());
-    for (std::int32_t i = 0; i < B * Hq; ++i) {
-      double num = 0, den = 0;
-      for (std::int32_t d = 0; d < D; ++d) {
-        const double e = o[std::size_t(i) * D + d] - r.o[std::size_t(i) * D + d];
-        num += e * e;
-        den += r.o[std::size_t(i) * D + d] * r.o[std::size_t(i) * D + d];
+    for (LshConfig::Gather gather : {LshConfig::Gather::kPerHead, LshConfig::Gather::kUnion}) {
+      LshConfig cfg = config(10, 150);
+      cfg.sample_all = true;
+      cfg.gather = gather;
+      const std::vector<std::int64_t> lens{3000, 77, 1234};
+      LshLayer layer = make_layer(cfg, 8, 2, 128, DType::kF32, lens, rng, isa);
+      const auto ids = seq_ids(lens.size());
+      const std::int32_t B = 3, Hq = 8, D = 128;
+      std::vector<float> q = normals(rng, std::size_t(B) * Hq * D);
+      std::vector<float> o(std::size_t(B) * Hq * D), lse(std::size_t(B) * Hq);
+      const QueryView qv = make_query_view(q.data(), DType::kF32, B, Hq, D);
+      REQUIRE(layer.attn
+                  ->decode(ids, qv, make_partial_view(o.data(), DType::kF32, lse.data(), B, Hq, D),
+                           shared_executor())
+                  .is_ok());
+      // Dense reference over the layer's own cache, through its paged view.
+      PageTable table;
+      PagedKvView kv;
+      REQUIRE(layer.attn->kv_view(ids, &table, &kv).is_ok());
+      DecodeProblem p{B, Hq, 2, D, DType::kF32, DType::kF32, DType::kF32, {}};
+      ref::Result r;
+      REQUIRE(ref::decode(p, qv, kv, &r).is_ok());
+      for (std::int32_t i = 0; i < B * Hq; ++i) {
+        double num = 0, den = 0;
+        for (std::int32_t d = 0; d < D; ++d) {
+          const double e = o[std::size_t(i) * D + d] - r.o[std::size_t(i) * D + d];
+          num += e * e;
+          den += r.o[std::size_t(i) * D + d] * r.o[std::size_t(i) * D + d];
+        }
+        INFO("isa " << to_string(isa) << " gather " << static_cast<int>(gather) << " head " << i
+                    << " " << seed_note());
+        CHECK(std::sqrt(num / den) <= 1e-5);
+        CHECK(lse[i] == Approx(r.lse2[i]).epsilon(1e-5));
       }
-      INFO("isa " << to_string(isa) << " head " << i << " " << seed_note());
-      CHECK(std::sqrt(num / den) <= 1e-5);
-      CHECK(lse[i] == Approx(r.lse2[i]).epsilon(1e-5));
     }
   }
 }
@@ -788,24 +815,29 @@ TEST_CASE("lsh: incremental insertion gives the tables of a full rebuild", "[lsh
 
 TEST_CASE("lsh: results are bitwise identical on any thread count", "[lsh][determinism]") {
   auto rng = make_rng("lsh-determinism");
-  LshLayer layer = make_layer(config(8, 60), 16, 4, 128, DType::kBF16, {3000, 1000, 5000, 64}, rng);
-  const auto ids = seq_ids(4);
-  std::vector<float> q = normals(rng, 4 * 16 * 128);
-  const QueryView qv = make_query_view(q.data(), DType::kF32, 4, 16, 128);
-  auto run = [&](const CpuExecutor& ex) {
-    std::vector<float> o(4 * 16 * 128), lse(4 * 16);
-    REQUIRE(
-        layer.attn
-            ->decode(ids, qv, make_partial_view(o.data(), DType::kF32, lse.data(), 4, 16, 128), ex)
-            .is_ok());
-    o.insert(o.end(), lse.begin(), lse.end());
-    return o;
-  };
-  const auto one = run(CpuExecutor(1));
-  const auto two = run(CpuExecutor(2));
-  const auto four = run(CpuExecutor(4));
-  CHECK(std::memcmp(one.data(), two.data(), one.size() * 4) == 0);
-  CHECK(std::memcmp(one.data(), four.data(), one.size() * 4) == 0);
+  for (LshConfig::Gather gather : {LshConfig::Gather::kPerHead, LshConfig::Gather::kUnion}) {
+    LshConfig cfg = config(8, 60);
+    cfg.gather = gather;
+    LshLayer layer = make_layer(cfg, 16, 4, 128, DType::kBF16, {3000, 1000, 5000, 64}, rng);
+    const auto ids = seq_ids(4);
+    std::vector<float> q = normals(rng, 4 * 16 * 128);
+    const QueryView qv = make_query_view(q.data(), DType::kF32, 4, 16, 128);
+    auto run = [&](const CpuExecutor& ex) {
+      std::vector<float> o(4 * 16 * 128), lse(4 * 16);
+      REQUIRE(layer.attn
+                  ->decode(ids, qv,
+                           make_partial_view(o.data(), DType::kF32, lse.data(), 4, 16, 128), ex)
+                  .is_ok());
+      o.insert(o.end(), lse.begin(), lse.end());
+      return o;
+    };
+    const auto one = run(CpuExecutor(1));
+    const auto two = run(CpuExecutor(2));
+    const auto four = run(CpuExecutor(4));
+    INFO("gather " << static_cast<int>(gather));
+    CHECK(std::memcmp(one.data(), two.data(), one.size() * 4) == 0);
+    CHECK(std::memcmp(one.data(), four.data(), one.size() * 4) == 0);
+  }
 }
 
 TEST_CASE("lsh: bad input returns a Status and changes nothing", "[lsh][errors]") {

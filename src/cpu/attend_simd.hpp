@@ -318,7 +318,7 @@ struct SimdAttend {
 
   static void run(const AttendArgs& a) noexcept {
     const int G = a.G, NG = a.NH * a.G;
-    if constexpr (Scores::kRowPrefetch)  // the first block's rows
+    if constexpr (Scores::kRowPrefetch)  // the first kAheadRows rows
       prefetch_head(a, 0, 0, a.n < kAheadRows ? a.n : kAheadRows);
     alignas(64) float dots[kMaxGroupPerPass][W][W];
     alignas(64) float ndots[W][W];  // |k - mu|^2 partials (Scores::kKeyNorm)

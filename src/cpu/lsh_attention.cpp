@@ -109,15 +109,18 @@ class RowLocator {
 
 }  // namespace
 
-// Per-thread scratch of decode: epoch-stamped collision counters, head masks,
-// the union of the sampled positions, row pointers and score rows.
+// Per-thread scratch of decode: collision counters and bitsets, the union of
+// the sampled positions (when listed), row pointers, the bucket walk's
+// pipeline and the item's query and output buffers.
 struct Scratch {
   std::vector<std::uint16_t> counters;  // [16][cap]: epoch << 8 | count (m >= 3 only)
   // Per head g < 16, bitsets over the indexed positions: seen (at least one
   // collision) and sampled (at least m).
   std::vector<std::uint64_t> seen, hits;
-  std::vector<std::uint32_t> sampled;  // union over the pass's heads, ascending
-  std::vector<std::uint16_t> umask;    // [union]: bit g = head g sampled it
+  // When union_built: the union over the pass's heads, ascending, and per
+  // position a mask with bit g set when head g sampled it.
+  std::vector<std::uint32_t> sampled;
+  std::vector<std::uint16_t> umask;
   std::vector<const std::byte*> krows, vrows;
   std::vector<std::uint16_t> qcodes;         // [16][L]
   std::vector<std::uint32_t> ranges;         // [16 L][2]: bucket bounds of a walk
@@ -540,10 +543,11 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
   }
 }
 
-// Union of the positions the pass's query heads sample (relative to
-// sink_end, ascending), with umask[j] bit g set when head g samples the j-th.
-// A position is sampled by head g when it shares the query's bucket in >= m
-// tables. For m <= 2 the counting is two bitsets per head (seen, sampled),
+// The positions each of the pass's query heads samples (relative to
+// sink_end): a bitset per head in sc.hits, and the size of their union in
+// sc.union_size (build_union() lists the union; with `all`, every position,
+// listed here). A position is sampled by head g when it shares the query's
+// bucket in >= m tables. For m <= 2 the counting is two bitsets per head (seen, sampled),
 // which stay in L1/L2 for 64K positions: hits[w] |= seen[w] & bit; seen[w] |= bit.
 // Larger m counts in epoch-stamped 16-bit counters (no clearing per step).
 void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::uint16_t* qcodes,
@@ -829,7 +833,7 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
         } else {
           build_union(ni, gp, sc);
           for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
-          sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
+          if (!every) sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
         }
         const detail::LshScoreCtx ctx{sc.muk.data(),
                                       every ? nullptr : sc.umask.data(),

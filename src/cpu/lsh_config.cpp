@@ -21,6 +21,11 @@ Status validate(const LshConfig& c) noexcept {
   if (c.window < 0) return bad("LshConfig: window must be >= 0");
   if (c.max_exact_tail < c.window || c.max_exact_tail < 1)
     return bad("LshConfig: max_exact_tail must be >= window and >= 1");
+  if (c.projection != LshConfig::Projection::kShared &&
+      c.projection != LshConfig::Projection::kPerHead)
+    return bad("LshConfig: projection must be kShared or kPerHead");
+  if (c.gather != LshConfig::Gather::kPerHead && c.gather != LshConfig::Gather::kUnion)
+    return bad("LshConfig: gather must be kPerHead or kUnion");
   return Status::ok();
 }
 

@@ -29,7 +29,7 @@ using HashFn = void (*)(const float* x, std::int64_t rows, std::int64_t x_stride
 // row j; a null umask means every row is sampled by every head). AttendArgs::ctx
 // points to this; AttendArgs::NH must be 1.
 struct LshScoreCtx {
-  const float* mu;             // [D]: the key mean, in the kernel's q order
+  const float* mu;             // [D], 64-byte aligned: the key mean, in the kernel's q order
   const std::uint16_t* umask;  // [n + kLshPad] (the padding is read, not used), or null
   const float* qn;             // [G]
   const float* qmu;            // [G]: q_g . mu

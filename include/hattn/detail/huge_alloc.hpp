@@ -1,5 +1,5 @@
 #pragma once
-// An allocator for large, randomly accessed arrays (LSH tables, key norms):
+// An allocator for large, randomly accessed arrays (LSH tables):
 // blocks of 1 MiB or more are 2 MiB aligned and advised for transparent huge
 // pages, so a random walk over them costs a cache miss, not a cache miss plus
 // a page walk (measured on the LSH retrieval: 1.7 -> 1.2 ms per step).
