@@ -3,7 +3,6 @@
 #include <tbb/task_arena.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -64,49 +63,6 @@ struct Aligned64 {
   }
 };
 
-// Row pointers of indexed position p (relative to `offset`) of KV head h of a
-// one-sequence paged view, without divisions when the page size is a power
-// of two.
-class RowLocator {
- public:
-  RowLocator(const PagedKvView& v, std::int32_t h, std::int64_t offset) noexcept
-      : pages_(v.indices + v.indptr[0]),
-        k_(static_cast<const std::byte*>(v.k) +
-           h * v.k_strides.head * static_cast<std::int64_t>(size_of(v.dtype))),
-        v_(static_cast<const std::byte*>(v.v) +
-           h * v.v_strides.head * static_cast<std::int64_t>(size_of(v.dtype))),
-        kpage_(v.k_strides.outer * static_cast<std::int64_t>(size_of(v.dtype))),
-        vpage_(v.v_strides.outer * static_cast<std::int64_t>(size_of(v.dtype))),
-        ktok_(v.k_strides.token * static_cast<std::int64_t>(size_of(v.dtype))),
-        vtok_(v.v_strides.token * static_cast<std::int64_t>(size_of(v.dtype))),
-        page_size_(v.page_size),
-        shift_(std::has_single_bit(static_cast<std::uint64_t>(v.page_size))
-                   ? std::countr_zero(static_cast<std::uint64_t>(v.page_size))
-                   : -1),
-        offset_(offset) {}
-
-  hattn::detail::RowPtrs operator()(std::uint32_t p) const noexcept {
-    const std::int64_t t = offset_ + p;
-    std::int64_t page, off;
-    if (shift_ >= 0) {
-      page = t >> shift_;
-      off = t & (page_size_ - 1);
-    } else {
-      page = t / page_size_;
-      off = t % page_size_;
-    }
-    const std::int64_t pg = pages_[page];
-    return {k_ + pg * kpage_ + off * ktok_, v_ + pg * vpage_ + off * vtok_};
-  }
-
- private:
-  const std::int32_t* pages_;
-  const std::byte *k_, *v_;
-  std::int64_t kpage_, vpage_, ktok_, vtok_, page_size_;
-  int shift_;
-  std::int64_t offset_;
-};
-
 }  // namespace
 
 // Per-thread scratch of decode: collision counters and bitsets, the union of
@@ -117,7 +73,7 @@ struct Scratch {
   // Per head g < 16, bitsets over the indexed positions: seen (at least one
   // collision) and sampled (at least m).
   std::vector<std::uint64_t> seen, hits;
-  // When union_built: the union over the pass's heads, ascending, and per
+  // From build_union(): the union over the pass's heads, ascending, and per
   // position a mask with bit g set when head g sampled it.
   std::vector<std::uint32_t> sampled;
   std::vector<std::uint16_t> umask;
@@ -130,10 +86,6 @@ struct Scratch {
   // accumulator, sampled and exact outputs.
   std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
   std::vector<float, Aligned64<float>> muk;  // [D]: the head's key mean in kernel order
-  // Of the last retrieval: the size of the union of the pass's sets, and
-  // whether sampled/umask hold that union yet.
-  std::int64_t union_size = 0;
-  bool union_built = false;
   std::int64_t cap = 0;
   std::uint16_t epoch = 0;
 
@@ -544,31 +496,24 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
 }
 
 // The positions each of the pass's query heads samples (relative to
-// sink_end): a bitset per head in sc.hits, and the size of their union in
-// sc.union_size (build_union() lists the union; with `all`, every position,
-// listed here). A position is sampled by head g when it shares the query's
-// bucket in >= m tables. For m <= 2 the counting is two bitsets per head (seen, sampled),
-// which stay in L1/L2 for 64K positions: hits[w] |= seen[w] & bit; seen[w] |= bit.
-// Larger m counts in epoch-stamped 16-bit counters (no clearing per step).
+// sink_end), as a bitset per head in sc.hits (build_union() lists their
+// union). A position is sampled by head g when it shares the query's bucket
+// in >= m tables, or always with `all`. For m <= 2 the counting is two bitsets per head (seen,
+// sampled), which stay in L1/L2 for 64K positions: hits[w] |= seen[w] & bit; seen[w] |= bit. Larger
+// m counts in epoch-stamped 16-bit counters (no clearing per step).
 void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::uint16_t* qcodes,
               std::int32_t L, std::int32_t m, bool all, Scratch& sc) {
-  sc.sampled.clear();
-  sc.umask.clear();
-  sc.union_size = 0;
-  sc.union_built = false;
   if (n <= 0) return;
+  const std::int64_t words = (n + 63) / 64;
+  const std::int64_t stride = (sc.cap + 63) / 64;
   if (all) {
-    sc.union_size = n;
-    sc.union_built = true;
-    const auto every = static_cast<std::uint16_t>((1u << gp) - 1u);
-    for (std::int64_t i = 0; i < n; ++i) {
-      sc.sampled.push_back(static_cast<std::uint32_t>(i));
-      sc.umask.push_back(every);
+    for (std::int32_t g = 0; g < gp; ++g) {
+      std::uint64_t* h = sc.hits.data() + g * stride;
+      std::fill_n(h, words, ~std::uint64_t{0});
+      if (n % 64 != 0) h[words - 1] = (std::uint64_t{1} << (n % 64)) - 1;
     }
     return;
   }
-  const std::int64_t words = (n + 63) / 64;
-  const std::int64_t stride = (sc.cap + 63) / 64;
   for (std::int32_t g = 0; g < gp; ++g) {
     std::fill_n(sc.hits.data() + g * stride, words, std::uint64_t{0});
     if (m == 2) std::fill_n(sc.seen.data() + g * stride, words, std::uint64_t{0});
@@ -628,19 +573,13 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
       }
     });
   }
-  std::int64_t any_count = 0;
-  for (std::int64_t w = 0; w < words; ++w) {
-    std::uint64_t any = 0;
-    for (std::int32_t g = 0; g < gp; ++g) any |= hits[g * stride + w];
-    any_count += __builtin_popcountll(any);
-  }
-  sc.union_size = any_count;
 }
 
 // The union of the pass's sets from the bitsets retrieve() left (ascending),
 // with umask[j] bit g set when head g sampled the j-th position.
 void build_union(std::int64_t n, std::int32_t gp, Scratch& sc) {
-  if (sc.union_built) return;
+  sc.sampled.clear();
+  sc.umask.clear();
   const std::int64_t words = (n + 63) / 64;
   const std::int64_t stride = (sc.cap + 63) / 64;
   const std::uint64_t* hits = sc.hits.data();
@@ -657,7 +596,6 @@ void build_union(std::int64_t n, std::int32_t gp, Scratch& sc) {
       sc.umask.push_back(mk);
     }
   }
-  sc.union_built = true;
 }
 
 }  // namespace
@@ -806,7 +744,27 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
       else
         im.proj_of(h).hash(qf, gp, D, qcodes);
       retrieve(tab, ni, gp, codes, L, config_.min_collisions, config_.sample_all, sc);
-      const auto nu = static_cast<std::int32_t>(sc.union_size);
+      // Row pointers of the sampled set: one head's straight from its bitset,
+      // a group's union in ascending order with per-head masks.
+      const hattn::detail::PagedRowLocator loc(s.view, 0, h, s.sink_end);
+      std::int32_t nu = 0;
+      if (gp == 1) {
+        for (std::int64_t w = 0; w < (ni + 63) / 64; ++w)
+          for (std::uint64_t bits = sc.hits[w]; bits != 0; bits &= bits - 1, ++nu) {
+            const auto rows = loc(w * 64 + __builtin_ctzll(bits));
+            sc.krows[nu] = rows.k;
+            sc.vrows[nu] = rows.v;
+          }
+      } else {
+        build_union(ni, gp, sc);
+        nu = static_cast<std::int32_t>(sc.sampled.size());
+        for (std::int32_t j = 0; j < nu; ++j) {
+          const auto rows = loc(sc.sampled[j]);
+          sc.krows[j] = rows.k;
+          sc.vrows[j] = rows.v;
+        }
+        sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
+      }
       if (nu > 0) {
         const float qs = scale * kLog2e;
         float* qd = sc.qd.data();
@@ -818,23 +776,7 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
         float m[kMaxGroupPerPass], l[kMaxGroupPerPass];
         std::fill_n(m, gp, kNegInf);
         std::fill_n(l, gp, 0.0f);
-        const RowLocator loc(s.view, h, s.sink_end);
-        auto add_row = [&](std::int32_t j, std::uint32_t pos) {
-          const auto rows = loc(pos);
-          sc.krows[j] = rows.k;
-          sc.vrows[j] = rows.v;
-        };
         const bool every = gp == 1 || config_.sample_all;  // every head sampled every row
-        if (gp == 1 && !sc.union_built) {  // the head's bitset, straight to row pointers
-          std::int32_t j = 0;
-          for (std::int64_t w = 0; w < (ni + 63) / 64; ++w)
-            for (std::uint64_t bits = sc.hits[w]; bits != 0; bits &= bits - 1)
-              add_row(j++, static_cast<std::uint32_t>(w * 64 + __builtin_ctzll(bits)));
-        } else {
-          build_union(ni, gp, sc);
-          for (std::int32_t j = 0; j < nu; ++j) add_row(j, sc.sampled[j]);
-          if (!every) sc.umask.resize(static_cast<std::size_t>(nu) + detail::kLshPad, 0);
-        }
         const detail::LshScoreCtx ctx{sc.muk.data(),
                                       every ? nullptr : sc.umask.data(),
                                       qn,
@@ -858,15 +800,13 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     float lse_e[kMaxGroupPerPass];
     std::fill_n(lse_e, gp, kNegInf);
     if (with_exact) {
-      std::int32_t n = 0;
-      auto add = [&](std::int64_t t) {
-        const auto rows = hattn::detail::row_at(s.view, 0, h, t);
-        sc.krows[n] = rows.k;
-        sc.vrows[n] = rows.v;
-        ++n;
-      };
-      for (std::int64_t t = 0; t < s.sink_end; ++t) add(t);
-      for (std::int64_t t = s.indexed_end; t < s.length; ++t) add(t);
+      const auto sink = static_cast<std::int32_t>(s.sink_end);
+      const auto tail = static_cast<std::int32_t>(s.length - s.indexed_end);
+      hattn::detail::RowCursor<PagedKvView>(s.view, 0, h, 0)
+          .next(sink, sc.krows.data(), sc.vrows.data());
+      hattn::detail::RowCursor<PagedKvView>(s.view, 0, h, s.indexed_end)
+          .next(tail, sc.krows.data() + sink, sc.vrows.data() + sink);
+      const std::int32_t n = sink + tail;
       float* qd = sc.qd.data();
       float* acc = sc.acc.data();
       float m[kMaxGroupPerPass], l[kMaxGroupPerPass];

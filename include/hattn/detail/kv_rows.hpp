@@ -1,8 +1,10 @@
 #pragma once
 // Addressing of K/V rows (the head_dim elements of one token and head) through
-// a KV view: random access for the reference, and a cursor that walks a
-// sequence without a division per token for the kernels.
+// a KV view: random access for the reference, a cursor that walks a sequence
+// without a division per token for the kernels, and a locator for scattered
+// tokens of one (sequence, head) (the LSH-sampled rows).
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 
@@ -71,6 +73,44 @@ class RowCursor<PagedKvView> {
   const std::int32_t* pages_;
   std::int32_t page_size_;
   std::int64_t off_;
+  const std::byte* k_;
+  const std::byte* v_;
+  std::int64_t k_page_, v_page_, k_tok_, v_tok_;
+};
+
+// Rows of (sequence b, head h) at token offset + p, in any order; no
+// division when the page size is a power of two.
+class PagedRowLocator {
+ public:
+  PagedRowLocator(const PagedKvView& kv, std::int32_t b, std::int32_t h,
+                  std::int64_t offset) noexcept
+      : pages_(kv.indices + kv.indptr[b]),
+        page_size_(kv.page_size),
+        shift_(std::has_single_bit(static_cast<std::uint64_t>(kv.page_size))
+                   ? std::countr_zero(static_cast<std::uint64_t>(kv.page_size))
+                   : -1),
+        offset_(offset) {
+    const auto es = static_cast<std::int64_t>(size_of(kv.dtype));
+    k_ = static_cast<const std::byte*>(kv.k) + h * kv.k_strides.head * es;
+    v_ = static_cast<const std::byte*>(kv.v) + h * kv.v_strides.head * es;
+    k_page_ = kv.k_strides.outer * es;
+    v_page_ = kv.v_strides.outer * es;
+    k_tok_ = kv.k_strides.token * es;
+    v_tok_ = kv.v_strides.token * es;
+  }
+  RowPtrs operator()(std::int64_t p) const noexcept {
+    const std::int64_t t = offset_ + p;
+    const std::int64_t page = shift_ >= 0 ? t >> shift_ : t / page_size_;
+    const std::int64_t off = shift_ >= 0 ? t & (page_size_ - 1) : t % page_size_;
+    const std::int64_t pg = pages_[page];
+    return {k_ + pg * k_page_ + off * k_tok_, v_ + pg * v_page_ + off * v_tok_};
+  }
+
+ private:
+  const std::int32_t* pages_;
+  std::int64_t page_size_;
+  int shift_;
+  std::int64_t offset_;
   const std::byte* k_;
   const std::byte* v_;
   std::int64_t k_page_, v_page_, k_tok_, v_tok_;
