@@ -41,55 +41,10 @@ inline RowPtrs row_at(const DenseKvView& kv, std::int32_t b, std::int32_t h,
 template <class View>
 class RowCursor;
 
-template <>
-class RowCursor<PagedKvView> {
+// Byte addressing of one head's rows in a paged view: row (page, offset).
+class PagedHeadRows {
  public:
-  RowCursor(const PagedKvView& kv, std::int32_t b, std::int32_t h, std::int64_t t0) noexcept
-      : pages_(kv.indices + kv.indptr[b] + t0 / kv.page_size),
-        page_size_(kv.page_size),
-        off_(t0 % kv.page_size) {
-    const std::size_t es = size_of(kv.dtype);
-    k_ = static_cast<const std::byte*>(kv.k) + h * kv.k_strides.head * es;
-    v_ = static_cast<const std::byte*>(kv.v) + h * kv.v_strides.head * es;
-    k_page_ = kv.k_strides.outer * es;
-    v_page_ = kv.v_strides.outer * es;
-    k_tok_ = kv.k_strides.token * es;
-    v_tok_ = kv.v_strides.token * es;
-  }
-  // Fill n consecutive rows and advance past them.
-  void next(std::int32_t n, const std::byte** k, const std::byte** v) noexcept {
-    for (std::int32_t i = 0; i < n; ++i) {
-      const std::int64_t page = *pages_;
-      k[i] = k_ + page * k_page_ + off_ * k_tok_;
-      v[i] = v_ + page * v_page_ + off_ * v_tok_;
-      if (++off_ == page_size_) {
-        off_ = 0;
-        ++pages_;
-      }
-    }
-  }
-
- private:
-  const std::int32_t* pages_;
-  std::int32_t page_size_;
-  std::int64_t off_;
-  const std::byte* k_;
-  const std::byte* v_;
-  std::int64_t k_page_, v_page_, k_tok_, v_tok_;
-};
-
-// Rows of (sequence b, head h) at token offset + p, in any order; no
-// division when the page size is a power of two.
-class PagedRowLocator {
- public:
-  PagedRowLocator(const PagedKvView& kv, std::int32_t b, std::int32_t h,
-                  std::int64_t offset) noexcept
-      : pages_(kv.indices + kv.indptr[b]),
-        page_size_(kv.page_size),
-        shift_(std::has_single_bit(static_cast<std::uint64_t>(kv.page_size))
-                   ? std::countr_zero(static_cast<std::uint64_t>(kv.page_size))
-                   : -1),
-        offset_(offset) {
+  PagedHeadRows(const PagedKvView& kv, std::int32_t h) noexcept {
     const auto es = static_cast<std::int64_t>(size_of(kv.dtype));
     k_ = static_cast<const std::byte*>(kv.k) + h * kv.k_strides.head * es;
     v_ = static_cast<const std::byte*>(kv.v) + h * kv.v_strides.head * es;
@@ -98,22 +53,70 @@ class PagedRowLocator {
     k_tok_ = kv.k_strides.token * es;
     v_tok_ = kv.v_strides.token * es;
   }
+  RowPtrs at(std::int64_t page, std::int64_t off) const noexcept {
+    return {k_ + page * k_page_ + off * k_tok_, v_ + page * v_page_ + off * v_tok_};
+  }
+
+ private:
+  const std::byte* k_;
+  const std::byte* v_;
+  std::int64_t k_page_, v_page_, k_tok_, v_tok_;
+};
+
+template <>
+class RowCursor<PagedKvView> {
+ public:
+  RowCursor(const PagedKvView& kv, std::int32_t b, std::int32_t h, std::int64_t t0) noexcept
+      : rows_(kv, h),
+        pages_(kv.indices + kv.indptr[b] + t0 / kv.page_size),
+        page_size_(kv.page_size),
+        off_(t0 % kv.page_size) {}
+  // Fill n consecutive rows and advance past them.
+  void next(std::int32_t n, const std::byte** k, const std::byte** v) noexcept {
+    for (std::int32_t i = 0; i < n; ++i) {
+      const RowPtrs r = rows_.at(*pages_, off_);
+      k[i] = r.k;
+      v[i] = r.v;
+      if (++off_ == page_size_) {
+        off_ = 0;
+        ++pages_;
+      }
+    }
+  }
+
+ private:
+  PagedHeadRows rows_;
+  const std::int32_t* pages_;
+  std::int32_t page_size_;
+  std::int64_t off_;
+};
+
+// Rows of (sequence b, head h) at token offset + p, in any order; no
+// division when the page size is a power of two.
+class PagedRowLocator {
+ public:
+  PagedRowLocator(const PagedKvView& kv, std::int32_t b, std::int32_t h,
+                  std::int64_t offset) noexcept
+      : rows_(kv, h),
+        pages_(kv.indices + kv.indptr[b]),
+        page_size_(kv.page_size),
+        shift_(std::has_single_bit(static_cast<std::uint64_t>(kv.page_size))
+                   ? std::countr_zero(static_cast<std::uint64_t>(kv.page_size))
+                   : -1),
+        offset_(offset) {}
   RowPtrs operator()(std::int64_t p) const noexcept {
     const std::int64_t t = offset_ + p;
     const std::int64_t page = shift_ >= 0 ? t >> shift_ : t / page_size_;
     const std::int64_t off = shift_ >= 0 ? t & (page_size_ - 1) : t % page_size_;
-    const std::int64_t pg = pages_[page];
-    return {k_ + pg * k_page_ + off * k_tok_, v_ + pg * v_page_ + off * v_tok_};
+    return rows_.at(pages_[page], off);
   }
 
  private:
+  PagedHeadRows rows_;
   const std::int32_t* pages_;
   std::int64_t page_size_;
   int shift_;
   std::int64_t offset_;
-  const std::byte* k_;
-  const std::byte* v_;
-  std::int64_t k_page_, v_page_, k_tok_, v_tok_;
 };
 
 template <>
