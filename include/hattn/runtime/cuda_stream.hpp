@@ -15,8 +15,15 @@
 //                   cudaGetDriverEntryPointByVersion (no libcuda link). The
 //                   word must be pinned and mapped: the SlotRing's sequence
 //                   words are, when its memory is cuda_pinned_host_memory().
+//   stamp(t)        records a timing event (from a pool the stream keeps);
+//                   synchronize() converts every pending stamp to the host
+//                   clock: it records one more event on the idle stream, waits
+//                   for it, reads steady_clock, and subtracts each event's
+//                   elapsed time to it (so stamps run late by that event's
+//                   completion latency, a few microseconds, all alike).
 //   merge           cuda::merge_partials on the stream.
-//   synchronize(d)  polls cudaStreamQuery until done or the deadline.
+//   synchronize(d)  polls cudaStreamQuery until done or the deadline, then
+//                   resolves the stamps.
 //
 // Errors are sticky like HostStream's: once an enqueued engine callable
 // returns an error (or throws), later enqueue/copy/merge calls are skipped
@@ -40,6 +47,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "hattn/core/problem.hpp"
 #include "hattn/core/status.hpp"
@@ -196,6 +204,23 @@ class CudaStream {
                                       "CudaStream::wait_value: cuStreamWaitValue32 failed"};
   }
 
+  Status stamp(std::int64_t* t) noexcept {
+    try {
+      if (stamps_used_ == stamp_events_.size()) {
+        cuda::Event e;
+        HATTN_RETURN_IF_ERROR(e.create(/*timing=*/true));
+        stamp_events_.push_back(std::move(e));
+      }
+      stamp_targets_.reserve(stamp_events_.size());
+    } catch (...) {
+      return {StatusCode::kOutOfMemory, "CudaStream::stamp: cannot grow the event pool"};
+    }
+    HATTN_RETURN_IF_ERROR(stamp_events_[stamps_used_].record(stream_));
+    stamp_targets_.push_back(t);
+    ++stamps_used_;
+    return Status::ok();
+  }
+
   Status merge(const PartialView& a, const PartialView& b, const PartialView& out) noexcept {
     if (!error_.is_ok()) return Status::ok();
     return cuda::merge_partials(a, b, out, stream_);
@@ -214,12 +239,37 @@ class CudaStream {
     if (timed_out)
       return {StatusCode::kInternal,
               "CudaStream::synchronize: deadline exceeded (a stage is stalled)"};
+    if (e == cudaSuccess) resolve_stamps();
+    stamps_used_ = 0;
+    stamp_targets_.clear();
     Status s = std::exchange(error_, Status::ok());
     if (s && e != cudaSuccess) s = cuda::cuda_status(e);
     return s;
   }
 
  private:
+  // The stream is idle: every stamp event has completed.
+  void resolve_stamps() noexcept {
+    if (stamps_used_ == 0) return;
+    cuda::Event now_event;
+    if (!now_event.create(/*timing=*/true) || !now_event.record(stream_) ||
+        cudaEventSynchronize(now_event.get()) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return;
+    }
+    const std::int64_t now = steady_now_ns();
+    for (std::size_t i = 0; i < stamps_used_; ++i) {
+      float ms = 0.0f;
+      if (cudaEventElapsedTime(&ms, stamp_events_[i].get(), now_event.get()) == cudaSuccess)
+        *stamp_targets_[i] = now - static_cast<std::int64_t>(static_cast<double>(ms) * 1e6);
+      else
+        (void)cudaGetLastError();
+    }
+  }
+
+  std::vector<cuda::Event> stamp_events_;  // timing events, reused every step
+  std::vector<std::int64_t*> stamp_targets_;
+  std::size_t stamps_used_ = 0;
   cuda::Stream owned_;
   cudaStream_t stream_ = nullptr;
   Status error_ = Status::ok();  // sticky engine error, the issuing thread's

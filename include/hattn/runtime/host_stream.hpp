@@ -91,6 +91,10 @@ class HostStream {
                            Deadline::max());
     });
   }
+  // The worker writes the time when it gets here (runs even after an error).
+  Status stamp(std::int64_t* t) {
+    return host_fn([t] { *t = steady_now_ns(); });
+  }
   Status merge(const PartialView& a, const PartialView& b, const PartialView& out) {
     return push([a, b, out]() -> Status { return merge_partials(a, b, out); }, false);
   }

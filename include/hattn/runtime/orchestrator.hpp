@@ -147,6 +147,7 @@ class DecodeOrchestrator {
               slot_memory),
         jobs_(static_cast<std::size_t>(ring_.capacity())),
         published_(static_cast<std::size_t>(ring_.capacity())),
+        consumed_(static_cast<std::size_t>(ring_.capacity())),
         a_done_(static_cast<std::size_t>(opt_.num_micro_batches)) {
     if (ring_.capacity() < opt_.num_micro_batches)
       throw std::invalid_argument("DecodeOrchestrator: fewer ring slots than micro-batches");
@@ -269,7 +270,11 @@ class DecodeOrchestrator {
       lens_.resize(n);
       cpu_tokens_.resize(n);
       split_.assign(static_cast<std::size_t>(opt_.num_layers) * mbs_, 0);
-      begin_ns_.assign(static_cast<std::size_t>(opt_.num_layers) * mbs_ * kNumPhases, 0);
+      if (opt_.record_timeline) {
+        begin_ns_.assign(static_cast<std::size_t>(opt_.num_layers) * mbs_ * kNumPhases, 0);
+        end_ns_.assign(begin_ns_.size(), 0);
+        stamps_pending_ = true;
+      }
       for (std::int32_t l = 0; l < opt_.num_layers; ++l)
         for (std::int32_t b = 0; b < batch(); ++b) {
           const std::size_t i = lens_at(l, b);
@@ -319,23 +324,32 @@ class DecodeOrchestrator {
     return c;
   }
 
-  // Timeline brackets: host_fn callbacks on the stream, so the times are when
-  // the stream reached the work (exact on a HostStream).
+  // Timeline brackets: stream stamps (runtime/stream.hpp), so the times are
+  // when the stream reached the work; read once the streams are idle.
   Status mark_begin(S& s, Phase p, std::int32_t layer, std::int32_t m) {
     if (!opt_.record_timeline) return Status::ok();
-    const std::size_t i = phase_index(p, layer, m);
-    return s.host_fn([this, i] { begin_ns_[i] = timeline_.now_ns(); });
+    return s.stamp(&begin_ns_[phase_index(p, layer, m)]);
   }
   Status mark_end(S& s, Phase p, std::int32_t layer, std::int32_t m) {
     if (!opt_.record_timeline) return Status::ok();
-    const std::size_t i = phase_index(p, layer, m);
-    const TimelineEntry e{p, step_, layer, m, 0, 0};
-    return s.host_fn([this, i, e] {
-      TimelineEntry done = e;
-      done.begin_ns = begin_ns_[i];
-      done.end_ns = timeline_.now_ns();
-      timeline_.record(done);
-    });
+    return s.stamp(&end_ns_[phase_index(p, layer, m)]);
+  }
+  // The step's stream phases into the timeline (after both streams'
+  // synchronize(), which resolves device stamps); unwritten ones are skipped.
+  void record_stamps() {
+    if (!stamps_pending_) return;
+    stamps_pending_ = false;
+    const std::int64_t origin =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(timeline_.origin().time_since_epoch())
+            .count();
+    for (std::int32_t l = 0; l < opt_.num_layers; ++l)
+      for (std::int32_t m = 0; m < mbs_; ++m)
+        for (std::size_t p = 0; p < kNumPhases; ++p) {
+          const std::size_t i = phase_index(static_cast<Phase>(p), l, m);
+          if (begin_ns_[i] != 0 && end_ns_[i] != 0)
+            timeline_.record(
+                {static_cast<Phase>(p), step_, l, m, begin_ns_[i] - origin, end_ns_[i] - origin});
+        }
   }
 
   // An engine stage on the compute stream, skipped once the step is cancelled.
@@ -360,6 +374,7 @@ class DecodeOrchestrator {
     HATTN_RETURN_IF_ERROR(a_done.wait(copy_));
 
     const std::int64_t pos = next_acquire_;
+    HATTN_RETURN_IF_ERROR(release_consumed(pos - ring_.capacity() + 1, deadline));
     HATTN_RETURN_IF_ERROR(ring_.acquire(pos, deadline));
     ++next_acquire_;
     bool published = false;
@@ -420,18 +435,15 @@ class DecodeOrchestrator {
         published_[static_cast<std::size_t>(pos % ring_.capacity())].wait(compute_));
     HATTN_RETURN_IF_ERROR(
         compute_.wait_value(ring_.response_word(pos), SlotRing::response_value(pos)));
-    HATTN_RETURN_IF_ERROR(compute_.host_fn([this, pos] {
-      // Answered (the stream waited for it); this acquire pairs with the CPU
-      // thread's release, so the job status it wrote is visible here.
-      (void)ring_.wait_response(pos, Deadline::max());
-      const Status& s = jobs_[static_cast<std::size_t>(pos % ring_.capacity())].status;
-      if (!s) fail(s);
-    }));
     HATTN_RETURN_IF_ERROR(mark_begin(compute_, Phase::kCopyToDevice, layer, m));
     HATTN_RETURN_IF_ERROR(compute_.copy(o, sb.o, sizeof(float) * n * sh.num_q_heads * sh.head_dim));
     HATTN_RETURN_IF_ERROR(compute_.copy(lse2, sb.lse2, sizeof(float) * n * sh.num_q_heads));
     HATTN_RETURN_IF_ERROR(mark_end(compute_, Phase::kCopyToDevice, layer, m));
-    HATTN_RETURN_IF_ERROR(compute_.host_fn([this, pos] { ring_.release(pos); }));
+    // The slot is free once these copies ran: the issuing thread releases it
+    // when it needs the slot again (release_consumed), not a host callback
+    // in the compute stream's path.
+    HATTN_RETURN_IF_ERROR(
+        consumed_[static_cast<std::size_t>(pos % ring_.capacity())].record(compute_));
     ++next_response_;
     if (split) {
       const auto b = static_cast<std::int32_t>(n);
@@ -489,7 +501,23 @@ class DecodeOrchestrator {
     HATTN_RETURN_IF_ERROR(step_error());
     const Status a = compute_.synchronize(deadline);
     const Status b = copy_.synchronize(deadline);
+    record_stamps();
+    HATTN_RETURN_IF_ERROR(release_consumed(next_response_, deadline));
     return a ? b : a;
+  }
+
+  // Releases the slots of positions below `upto` whose responses the compute
+  // stream has copied out (waiting for those copies).
+  Status release_consumed(std::int64_t upto, Deadline deadline) {
+    for (upto = std::min(upto, next_response_); next_release_ < upto; ++next_release_) {
+      if (!consumed_[static_cast<std::size_t>(next_release_ % ring_.capacity())].synchronize(
+              deadline))
+        return {StatusCode::kInternal,
+                "DecodeOrchestrator: deadline exceeded waiting for a ring slot (a stage is "
+                "stalled)"};
+      ring_.release(next_release_);
+    }
+    return Status::ok();
   }
 
   // Let the streams finish, take back every slot still in flight and clear
@@ -499,10 +527,13 @@ class DecodeOrchestrator {
     HATTN_RETURN_IF_ERROR(streams_idle(deadline));
     (void)compute_.synchronize(deadline);  // errors of the failed step
     (void)copy_.synchronize(deadline);
+    record_stamps();
+    HATTN_RETURN_IF_ERROR(release_consumed(next_response_, deadline));
     while (next_response_ < next_acquire_) {
       HATTN_RETURN_IF_ERROR(ring_.wait_response(next_response_, deadline));
       ring_.release(next_response_);
       ++next_response_;
+      ++next_release_;
     }
     for (std::int32_t l = 0; l < opt_.num_layers && rollback_; ++l)
       for (std::int32_t b = 0; b < batch(); ++b) {
@@ -525,6 +556,8 @@ class DecodeOrchestrator {
       if (opt_.record_timeline)
         timeline_.record(
             {Phase::kCpuAttention, job.step, job.layer, job.micro_batch, t0, timeline_.now_ns()});
+      // Before the answer: the stages after it are then skipped (cancelled_).
+      if (!job.status) fail(job.status);
       ring_.publish_response(pos);
     }
   }
@@ -582,6 +615,7 @@ class DecodeOrchestrator {
   SlotRing ring_;
   std::vector<Job> jobs_;                     // per slot
   std::vector<typename S::Event> published_;  // per slot: request published (copy stream)
+  std::vector<typename S::Event> consumed_;   // per slot: response copied out (compute stream)
   std::vector<typename S::Event> a_done_;     // per micro-batch: stage A issued
   Timeline timeline_;
 
@@ -594,12 +628,15 @@ class DecodeOrchestrator {
   std::vector<std::int64_t> lens_;         // [layer][b], this step's token included
   std::vector<std::int64_t> cpu_tokens_;   // [layer][b]
   std::vector<char> split_;                // [layer][m]: the device attends some tokens
-  std::vector<std::int64_t> begin_ns_;     // [layer][m][phase], timeline scratch
+  std::vector<std::int64_t> begin_ns_;     // [layer][m][phase]: stream stamps (steady ns)
+  std::vector<std::int64_t> end_ns_;       // [layer][m][phase]
+  bool stamps_pending_ = false;            // begin_ns_/end_ns_ not yet in the timeline
   PageTable table_;                        // CPU thread scratch
 
   std::int32_t step_ = 0;
   std::int64_t next_acquire_ = 0;  // ring positions, owned by the step() thread
   std::int64_t next_response_ = 0;
+  std::int64_t next_release_ = 0;  // positions below it are released
   bool needs_drain_ = false;
   bool rollback_ = false;  // the last step failed: undo its KV appends
   std::atomic<bool> cancelled_{false};

@@ -24,6 +24,12 @@
 //                      compare: v must be within 2^31 of the word), so the word
 //                      must be pinned, device-mapped memory; on a host stream a
 //                      blocking wait of the worker.
+//   s.stamp(t)         *t = when the stream reached this point, in steady_clock
+//                      nanoseconds since its epoch (for the timeline). A host
+//                      stream writes it then (a host_fn); a CUDA stream records
+//                      a timing event, converted by the next synchronize(), so
+//                      nothing runs on the host mid-stream. Read *t only after
+//                      synchronize(); it stays unwritten if the stream failed.
 //   s.merge(a, b, out) out = merge of two partials that live on the device
 //                      (core/merge.hpp semantics).
 //   s.query()          the stream's first error since the last synchronize, if any
@@ -33,6 +39,7 @@
 // the same pipeline runs, concurrently and for real, without a GPU.
 
 #include <atomic>
+#include <chrono>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -44,6 +51,13 @@
 
 namespace hattn::runtime {
 
+// steady_clock now, in nanoseconds since its epoch (Stream::stamp's unit).
+inline std::int64_t steady_now_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // A 64-bit counter in host memory that streams can wait on, and the waiter
 // its writers notify.
 struct HostWord {
@@ -54,7 +68,7 @@ struct HostWord {
 template <class S>
 concept Stream = requires(S& s, void* dst, const void* src, std::size_t n, const PartialView& p,
                           Deadline d, std::function<Status(typename S::Handle)> work, HostWord w,
-                          std::function<void()> fn) {
+                          std::function<void()> fn, std::int64_t* t) {
   typename S::Handle;
   typename S::Event;
   { s.handle() } -> std::same_as<typename S::Handle>;
@@ -62,6 +76,7 @@ concept Stream = requires(S& s, void* dst, const void* src, std::size_t n, const
   { s.copy(dst, src, n) } -> std::same_as<Status>;
   { s.host_fn(fn) } -> std::same_as<Status>;
   { s.wait_value(w, std::uint64_t{1}) } -> std::same_as<Status>;
+  { s.stamp(t) } -> std::same_as<Status>;
   { s.merge(p, p, p) } -> std::same_as<Status>;
   { s.query() } -> std::same_as<Status>;
   { s.synchronize(d) } -> std::same_as<Status>;
