@@ -12,7 +12,13 @@
 // so that compute ~ attention at mb:2. Counters as for the host cases; the
 // "alone" times synchronize the stream around the stages.
 //
-// Not run yet: written and compiled on a machine without a GPU.
+// Each stage is launched as a CUDA graph captured once per micro-batch (what
+// serving engines do for decode: otherwise a stack of small GEMMs runs at the
+// speed the host can launch them, ~15 us each on the H100 machine, and the
+// issuing thread, not the GPU, is the compute). HATTN_BENCH_CUDA_GRAPHS=0
+// launches the cuBLAS calls one by one instead. HATTN_BENCH_TRACE_DIR=<dir>
+// records the timeline (stamps are CUDA events) and writes
+// <dir>/orchestrator_cuda_mb<m>.json.
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -23,6 +29,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <random>
 #include <string>
@@ -44,6 +52,11 @@ using Ms = std::chrono::duration<double, std::milli>;
 constexpr std::int32_t kLayers = 8, kBatch = 16, kKvLen = 4096, kSpare = 1024;
 constexpr std::int32_t kHq = 8, kHkv = 2, kD = 64, kHidden = 512, kFfn = 2048;
 constexpr std::int32_t kQd = kHq * kD, kKd = kHkv * kD;
+
+bool use_graphs() {
+  const char* e = std::getenv("HATTN_BENCH_CUDA_GRAPHS");
+  return e == nullptr || std::string(e) != "0";
+}
 
 hattn::DecodeProblem problem(std::int32_t batch) {
   return {.batch_size = batch,
@@ -123,7 +136,43 @@ class CublasModel {
     return hattn::Status::ok();
   }
   ~CublasModel() {
+    for (cudaGraphExec_t g : graphs_)
+      if (g != nullptr) (void)cudaGraphExecDestroy(g);
     if (handle_ != nullptr) (void)cublasDestroy(handle_);
+  }
+
+  // Captures stage A and stage B of every micro-batch as graphs on `s` (a
+  // non-default stream); run_a/run_b then launch those.
+  hattn::Status capture(cudaStream_t s) {
+    // cuBLAS must not allocate its workspace inside a capture.
+    HATTN_RETURN_IF_ERROR(workspace_.allocate(std::size_t{32} << 20));
+    if (cublasSetWorkspace(handle_, workspace_.data(), workspace_.size()) != CUBLAS_STATUS_SUCCESS)
+      return {hattn::StatusCode::kCudaError, "cublasSetWorkspace failed"};
+    graphs_.assign(static_cast<std::size_t>(2 * mbs_), nullptr);
+    for (std::int32_t m = 0; m < mbs_; ++m)
+      for (int b = 0; b < 2; ++b) {
+        HATTN_RETURN_IF_ERROR(
+            hattn::cuda::cuda_status(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal)));
+        const hattn::Status st = b == 0 ? stage_a(m, s) : stage_b(m, s);
+        cudaGraph_t g = nullptr;
+        const cudaError_t e = cudaStreamEndCapture(s, &g);
+        HATTN_RETURN_IF_ERROR(st);
+        HATTN_RETURN_IF_ERROR(hattn::cuda::cuda_status(e));
+        const cudaError_t ie =
+            cudaGraphInstantiate(&graphs_[static_cast<std::size_t>(2 * m + b)], g, 0);
+        (void)cudaGraphDestroy(g);
+        HATTN_RETURN_IF_ERROR(hattn::cuda::cuda_status(ie));
+      }
+    return hattn::Status::ok();
+  }
+  hattn::Status run_a(std::int32_t m, cudaStream_t s) {
+    if (graphs_.empty()) return stage_a(m, s);
+    return hattn::cuda::cuda_status(cudaGraphLaunch(graphs_[static_cast<std::size_t>(2 * m)], s));
+  }
+  hattn::Status run_b(std::int32_t m, cudaStream_t s) {
+    if (graphs_.empty()) return stage_b(m, s);
+    return hattn::cuda::cuda_status(
+        cudaGraphLaunch(graphs_[static_cast<std::size_t>(2 * m + 1)], s));
   }
   CublasModel(const CublasModel&) = delete;
   CublasModel& operator=(const CublasModel&) = delete;
@@ -154,10 +203,9 @@ class CublasModel {
   }
 
   rt::EngineStages<cudaStream_t> stages() {
-    return {
-        [this](const rt::StageContext& c, cudaStream_t s) { return stage_a(c.micro_batch, s); },
-        nullptr,
-        [this](const rt::StageContext& c, cudaStream_t s) { return stage_b(c.micro_batch, s); }};
+    return {[this](const rt::StageContext& c, cudaStream_t s) { return run_a(c.micro_batch, s); },
+            nullptr,
+            [this](const rt::StageContext& c, cudaStream_t s) { return run_b(c.micro_batch, s); }};
   }
 
  private:
@@ -177,7 +225,8 @@ class CublasModel {
 
   std::int32_t mbs_, reps_;
   cublasHandle_t handle_ = nullptr;
-  hattn::cuda::DeviceBuffer wq_, wk_, wv_, wo_, w1_, w2_;
+  hattn::cuda::DeviceBuffer wq_, wk_, wv_, wo_, w1_, w2_, workspace_;
+  std::vector<cudaGraphExec_t> graphs_;  // [m][A, B] when captured
   std::vector<Bufs> bufs_;
   std::vector<rt::MicroBatchIo> io_;
 };
@@ -193,8 +242,8 @@ double compute_alone_ms(CublasModel& model, std::int32_t mbs, cudaStream_t s) {
   return time_ms([&] {
     for (std::int32_t l = 0; l < kLayers; ++l)
       for (std::int32_t m = 0; m < mbs; ++m) {
-        (void)model.stage_a(m, s);
-        (void)model.stage_b(m, s);
+        (void)model.run_a(m, s);
+        (void)model.run_b(m, s);
       }
     (void)cudaStreamSynchronize(s);
   });
@@ -236,7 +285,11 @@ bool have_device() {
 
 // Attention threads: all cores but the one the issuing thread and the CUDA
 // callback thread share.
+// HATTN_BENCH_ATTENTION_THREADS=<n> overrides.
 int attention_threads() {
+  if (const char* e = std::getenv("HATTN_BENCH_ATTENTION_THREADS");
+      e != nullptr && std::atoi(e) > 0)
+    return std::atoi(e);
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1);
 }
 
@@ -247,6 +300,7 @@ std::int32_t calibrated_mlp_reps(rt::CudaStream& s) {
     const double att = kv ? attention_alone_ms(*kv, 2, ex) : 1.0;
     CublasModel m1(2, 1), m9(2, 9);
     if (!m1.init(s.handle()) || !m9.init(s.handle())) return 1;
+    if (use_graphs() && (!m1.capture(s.handle()) || !m9.capture(s.handle()))) return 1;
     (void)compute_alone_ms(m1, 2, s.handle());  // warm-up (cuBLAS heuristics, clocks)
     (void)compute_alone_ms(m9, 2, s.handle());
     const double c1 = compute_alone_ms(m1, 2, s.handle()), c9 = compute_alone_ms(m9, 2, s.handle());
@@ -272,7 +326,8 @@ inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
   const std::int32_t reps = calibrated_mlp_reps(*compute);
   auto kv = make_cache();
   CublasModel model(mbs, reps);
-  if (!kv || !model.init(compute->handle())) {
+  if (!kv || !model.init(compute->handle()) ||
+      (use_graphs() && !model.capture(compute->handle()))) {
     state.SkipWithError("cannot set up the KV cache or the model");
     return;
   }
@@ -287,7 +342,8 @@ inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
              .head_dim = kD,
              .kv_dtype = hattn::DType::kF32,
              .code_bytes_per_seq = 0};
-  oo.record_timeline = false;  // its marks would be host callbacks on the streams
+  const char* trace_dir = std::getenv("HATTN_BENCH_TRACE_DIR");
+  oo.record_timeline = trace_dir != nullptr;
   rt::DenseCpuAttention backend(problem(max_mb));
   rt::DecodeOrchestrator<rt::CudaStream, rt::DenseCpuAttention> orch(
       oo, *compute, *copy, *kv, backend, executor, rt::PartitionPolicy::all_cpu(),
@@ -326,6 +382,10 @@ inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
   state.counters["overlap_efficiency"] = std::max(c, a) / st;
   state.counters["mlp_reps"] = reps;
   state.counters["attention_threads"] = attention_threads();
+  state.counters["graphs"] = use_graphs() ? 1 : 0;
+  if (trace_dir != nullptr)
+    std::ofstream(std::string(trace_dir) + "/orchestrator_cuda_mb" + std::to_string(mbs) + ".json")
+        << orch.timeline().to_chrome_trace();
 }
 
 inline const bool registered = [] {
