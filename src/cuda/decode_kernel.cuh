@@ -17,8 +17,19 @@
 // (one rescale of the accumulators per R tokens, only when the max grows); then
 // accumulates p * V into its E-element slice of W accumulators. Every K/V
 // element is loaded once and used by all W query heads of the pass: the GQA
-// sharing. R keeps W * R scores and 2 * R rows in registers at 32-128 bytes
-// per lane per tensor: R = 8, 4, 2 rows of 16 bytes for W <= 2, 4, 8.
+// sharing.
+//
+// Where the rows come from:
+// - 16-byte aligned rows (the common case): cp.async copies global -> shared,
+//   kPipeStages - 1 iterations ahead of the one being computed, 64 bytes per
+//   lane per tensor per stage (32 at width 8), about 48 KiB per CTA in
+//   flight. Each lane reads back only the vectors it copied itself, so the
+//   pipeline needs no barrier, only cp.async.wait_group.
+// - otherwise: element loads into registers, R = 8, 4, 2 rows of 16 bytes per
+//   lane per tensor for W <= 2, 4, 8, all issued before any is used; one
+//   iteration in flight.
+// On an H100 (bench_cuda_dense, bf16, kv:32768 bs:8) register loads of whole
+// rows read 2.29 TB/s, the cp.async pipeline 2.44-2.48 (docs/cuda-dense.md).
 //
 // At the end the NG row groups' states (m, l, acc) are merged through shared
 // memory, and the CTA writes either the final (o, lse2) (one chunk) or its
@@ -26,6 +37,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -57,6 +69,47 @@ inline constexpr int kRowsPerIteration =
     (W <= 2 ? 128 : (W == 4 ? 64 : 32)) / RowShape<T, D>::kLaneBytes > 0
         ? (W <= 2 ? 128 : (W == 4 ? 64 : 32)) / RowShape<T, D>::kLaneBytes
         : 1;
+
+// The cp.async pipeline (aligned rows): bytes per lane per tensor per stage
+// (at most 64, so a stage is 16 KiB per CTA, 8 KiB at width 8), rows per row
+// group per stage, and stages (about 48 KiB of the CTA's shared memory).
+template <int W>
+inline constexpr int kPipeLaneBytes = W <= 4 ? 64 : 32;
+template <class T, int D, int W>
+inline constexpr int kPipeRows = kPipeLaneBytes<W> / RowShape<T, D>::kLaneBytes > 0
+                                     ? kPipeLaneBytes<W> / RowShape<T, D>::kLaneBytes
+                                     : 1;
+template <class T, int D, int W>
+constexpr int pipe_stage_bytes() {
+  constexpr int kLaneBytes = RowShape<T, D>::kLaneBytes, kRows = kPipeRows<T, D, W>;
+  return kThreadsPerCta * 2 * kLaneBytes * kRows;
+}
+template <class T, int D, int W>
+inline constexpr int kPipeStageBytes = pipe_stage_bytes<T, D, W>();
+template <class T, int D, int W>
+inline constexpr int kPipeStages =
+    48 * 1024 / kPipeStageBytes<T, D, W> > 2 ? 48 * 1024 / kPipeStageBytes<T, D, W> : 2;
+// Dynamic shared memory of a kernel: the pipeline's stages (aligned), or
+// only the row groups' accumulators for the final merge, which reuse the
+// pipeline's memory once it has drained.
+template <class T, int D, int W, bool kAligned>
+constexpr int decode_smem_bytes() {
+  constexpr int kAcc = kThreadsPerCta / 32 * RowShape<T, D>::kGroupsPerWarp * W * D * 4;
+  constexpr int kPipe = kAligned ? kPipeStages<T, D, W> * kPipeStageBytes<T, D, W> : 0;
+  return kAcc > kPipe ? kAcc : kPipe;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const auto s = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // CTAs of 128 threads each SM should hold (caps registers at 65536 / (128 *
 // this)); plan.hpp's resident_ctas_per_sm() must agree. Widths up to 4 fit
@@ -153,19 +206,35 @@ __device__ __forceinline__ void load_row(const KvBits<T>* row,
   }
 }
 
+// Row words a lane copied into the pipeline (its kVecs uint4, kThreadsPerCta
+// apart), or zeros for a masked row.
+template <class Shape>
+__device__ __forceinline__ void read_stage(const uint4* first, bool ok,
+                                           std::uint32_t (&w)[Shape::kWords]) {
+#pragma unroll
+  for (int j = 0; j < Shape::kVecs; ++j) {
+    const uint4 x = ok ? first[j * kThreadsPerCta] : make_uint4(0u, 0u, 0u, 0u);
+    w[4 * j] = x.x;
+    w[4 * j + 1] = x.y;
+    w[4 * j + 2] = x.z;
+    w[4 * j + 3] = x.w;
+  }
+}
+
 template <class T, int D, int W, bool kAligned>
 __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
     decode_kernel(const DecodeParams p) {
-  using S = RowShape<T, D>;
+  using Shape = RowShape<T, D>;
   using Bits = KvBits<T>;
-  constexpr int L = S::kLanes, E = S::kElems, NW = S::kWords;
+  constexpr int L = Shape::kLanes, E = Shape::kElems, NW = Shape::kWords;
   constexpr int kWarps = kThreadsPerCta / 32;
-  constexpr int NG = kWarps * S::kGroupsPerWarp;  // row groups per CTA
-  constexpr int R = kRowsPerIteration<T, D, W>;
+  constexpr int NG = kWarps * Shape::kGroupsPerWarp;  // row groups per CTA
+  constexpr int R = kAligned ? kPipeRows<T, D, W> : kRowsPerIteration<T, D, W>;
   constexpr int kStep = NG * R;  // tokens per CTA iteration
   static_assert(kChunkAlign % kStep == 0 || kStep % kChunkAlign == 0);
 
-  __shared__ __align__(16) float s_acc[NG * W * D];
+  extern __shared__ __align__(16) unsigned char smem[];  // decode_smem_bytes()
+  float* const s_acc = reinterpret_cast<float*>(smem);   // [NG][W][D], after the loop
   __shared__ float s_m[NG * W], s_l[NG * W], s_w[NG * W];
   __shared__ float s_inv[W], s_lse[W];
 
@@ -181,7 +250,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
   const int ng = min(p.heads_per_pass, p.group - g0);  // heads this CTA writes, <= W
 
   const int tid = threadIdx.x, lane = tid % 32;
-  const int grp = (tid / 32) * S::kGroupsPerWarp + lane / L;
+  const int grp = (tid / 32) * Shape::kGroupsPerWarp + lane / L;
   const int e0 = (lane % L) * E;
 
   std::int32_t page_begin = 0;
@@ -212,31 +281,18 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
   const Bits* kbase = static_cast<const Bits*>(p.k) + std::int64_t{hk} * p.k_head + e0;
   const Bits* vbase = static_cast<const Bits*>(p.v) + std::int64_t{hk} * p.v_head + e0;
 
-  // Trip count is the same for every thread: the shuffles below see all lanes.
-  for (int base = t_begin; base < t_end; base += kStep) {
-    std::uint32_t kw[R][NW], vw[R][NW];
-    bool ok[R];
-#pragma unroll
-    for (int u = 0; u < R; ++u) {
-      const int t = base + u * NG + grp;
-      std::int64_t koff = 0, voff = 0;
-      ok[u] =
-          t < t_end && token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff);
-      if (ok[u]) {
-        load_row<T, D, kAligned>(kbase + koff, kw[u]);
-        load_row<T, D, kAligned>(vbase + voff, vw[u]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < NW; ++j) kw[u][j] = vw[u][j] = 0u;
-      }
-    }
-
-    // Scores s[u][g] = q_g . k_u (base 2), summed over the row's L lanes.
+  // One iteration's R rows of K and V (k_row(u, w) / v_row(u, w) give row u's
+  // words; bit u of ok: row u exists): scores s[u][g] = q_g . k_u in base 2,
+  // summed over the row's L lanes, online softmax once per R tokens (s
+  // becomes the weights p), then acc_g += p_ug * v_u over this lane's elements.
+  const auto attend_rows = [&](auto&& k_row, auto&& v_row, std::uint32_t ok) {
     float s[R][W];
 #pragma unroll
     for (int u = 0; u < R; ++u) {
+      std::uint32_t kw[NW];
+      k_row(u, kw);
       float kf[E];
-      widen<T>(kw[u], kf);
+      widen<T>(kw, kf);
 #pragma unroll
       for (int g = 0; g < W; ++g) {
         float dot = 0.0f;
@@ -252,13 +308,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
 #pragma unroll
         for (int g = 0; g < W; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
 
-          // Online softmax, once per R tokens; s becomes the weights p.
 #pragma unroll
     for (int g = 0; g < W; ++g) {
       float mt = -INFINITY;
 #pragma unroll
       for (int u = 0; u < R; ++u) {
-        if (!ok[u]) s[u][g] = -INFINITY;
+        if (!(ok >> u & 1u)) s[u][g] = -INFINITY;
         mt = fmaxf(mt, s[u][g]);
       }
       const float mn = fmaxf(m[g], mt);
@@ -282,15 +337,101 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
       }
     }
 
-    // acc_g += p_ug * v_u over this lane's elements.
 #pragma unroll
     for (int u = 0; u < R; ++u) {
+      std::uint32_t vw[NW];
+      v_row(u, vw);
       float vf[E];
-      widen<T>(vw[u], vf);
+      widen<T>(vw, vf);
 #pragma unroll
       for (int g = 0; g < W; ++g)
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[g][e] = fmaf(s[u][g], vf[e], acc[g][e]);
+    }
+  };
+
+  // Trip count is the same for every thread: the shuffles in attend_rows see
+  // all lanes.
+  const int iters = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
+  if constexpr (kAligned) {
+    // Stage st holds, per (row u, tensor, vector j), one uint4 per thread.
+    constexpr int NS = kPipeStages<T, D, W>;
+    uint4* const pipe = reinterpret_cast<uint4*>(smem);
+    const auto at = [&](int st, int u, int tensor, int j) {
+      return pipe + (((st * R + u) * 2 + tensor) * Shape::kVecs + j) * kThreadsPerCta + tid;
+    };
+    // Bit st * R + u: row u of stage st was copied (else it is masked).
+    static_assert(NS * R <= 32);
+    std::uint32_t ok_bits = 0;
+    const auto issue = [&](int it) {
+      const int st = it % NS;
+      std::uint32_t bits = 0;
+      if (it < iters) {
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+          const int t = t_begin + it * kStep + u * NG + grp;
+          std::int64_t koff = 0, voff = 0;
+          if (t < t_end &&
+              token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff)) {
+            const uint4* kr = reinterpret_cast<const uint4*>(kbase + koff);
+            const uint4* vr = reinterpret_cast<const uint4*>(vbase + voff);
+#pragma unroll
+            for (int j = 0; j < Shape::kVecs; ++j) {
+              cp_async16(at(st, u, 0, j), kr + j);
+              cp_async16(at(st, u, 1, j), vr + j);
+            }
+            bits |= 1u << u;
+          }
+        }
+      }
+      constexpr std::uint32_t kMask = (1u << R) - 1u;
+      ok_bits = (ok_bits & ~(kMask << (st * R))) | (bits << (st * R));
+      cp_async_commit();  // empty groups too: wait_group counts stay uniform
+    };
+#pragma unroll
+    for (int it = 0; it < NS - 1; ++it) issue(it);
+    for (int it = 0; it < iters; ++it) {
+      issue(it + NS - 1);
+      cp_async_wait<NS - 1>();  // iteration it's group has landed
+      const int st = it % NS;
+      const std::uint32_t ok = ok_bits >> (st * R);
+      attend_rows([&](int u, std::uint32_t(
+                                 &w)[NW]) { read_stage<Shape>(at(st, u, 0, 0), ok >> u & 1u, w); },
+                  [&](int u, std::uint32_t(&w)[NW]) {
+                    read_stage<Shape>(at(st, u, 1, 0), ok >> u & 1u, w);
+                  },
+                  ok);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the accumulators below reuse the pipeline's memory
+  } else {
+    for (int it = 0; it < iters; ++it) {
+      std::uint32_t kw[R][NW], vw[R][NW];
+      std::uint32_t ok = 0;
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        const int t = t_begin + it * kStep + u * NG + grp;
+        std::int64_t koff = 0, voff = 0;
+        if (t < t_end &&
+            token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff)) {
+          load_row<T, D, kAligned>(kbase + koff, kw[u]);
+          load_row<T, D, kAligned>(vbase + voff, vw[u]);
+          ok |= 1u << u;
+        } else {
+#pragma unroll
+          for (int j = 0; j < NW; ++j) kw[u][j] = vw[u][j] = 0u;
+        }
+      }
+      attend_rows(
+          [&](int u, std::uint32_t(&w)[NW]) {
+#pragma unroll
+            for (int j = 0; j < NW; ++j) w[j] = kw[u][j];
+          },
+          [&](int u, std::uint32_t(&w)[NW]) {
+#pragma unroll
+            for (int j = 0; j < NW; ++j) w[j] = vw[u][j];
+          },
+          ok);
     }
   }
 
@@ -355,10 +496,30 @@ template <class T, int D, int W, bool kAligned>
 cudaError_t launch_decode(const DecodeParams& p, std::int64_t num_ctas, cudaStream_t stream) {
   // The launch's own status (not cudaGetLastError(), which would also report
   // an error some earlier, unrelated call left pending).
+  constexpr int kSmem = decode_smem_bytes<T, D, W, kAligned>();
+  const void* kernel = reinterpret_cast<const void*>(&decode_kernel<T, D, W, kAligned>);
+  // With its static shared memory the kernel may pass the 48 KiB a kernel
+  // gets without opting in; the opt-in is per device, done once for each.
+  static std::atomic<std::uint64_t> opted_in{0};  // bit d: device d (d < 64)
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return e;
+  }
+  const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
+  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
+    if (const cudaError_t e =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        e != cudaSuccess) {
+      (void)cudaGetLastError();
+      return e;
+    }
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   void* args[] = {const_cast<DecodeParams*>(&p)};
-  const cudaError_t e = cudaLaunchKernel(
-      reinterpret_cast<const void*>(&decode_kernel<T, D, W, kAligned>),
-      dim3(static_cast<unsigned int>(num_ctas)), dim3(kThreadsPerCta), args, 0, stream);
+  const cudaError_t e =
+      cudaLaunchKernel(kernel, dim3(static_cast<unsigned int>(num_ctas)), dim3(kThreadsPerCta),
+                       args, static_cast<std::size_t>(kSmem), stream);
   if (e != cudaSuccess) (void)cudaGetLastError();
   return e;
 }
