@@ -8,8 +8,9 @@
 //                                    b in {1, 8, 64}
 //
 // Every cuda_dense case: Llama-3-8B attention (32 query heads, 8 KV heads,
-// head dim 128), a paged KV cache with pages of 16 tokens in HND order, every
-// sequence n tokens, f32 query and output, the plan made once beforehand.
+// head dim 128), a paged KV cache of random values with pages of 16 tokens
+// (HATTN_BENCH_PAGE_SIZE overrides) in HND order, every sequence n tokens, f32
+// query and output, the plan made once beforehand.
 // Each timed iteration enqueues `reps` decode steps, each on the next of
 // several KV sets (sets * KV bytes >= 256 MiB, so no step finds its KV in the
 // 50 MiB L2), between two CUDA events; the events' elapsed time / reps is the
@@ -55,7 +56,15 @@ using hattn::cuda::Stream;
 constexpr std::int32_t kQHeads = 32;
 constexpr std::int32_t kKvHeads = 8;
 constexpr std::int32_t kHeadDim = 128;
-constexpr std::int32_t kPageSize = 16;
+constexpr std::int32_t kDefaultPageSize = 16;
+
+// HATTN_BENCH_PAGE_SIZE=<n> overrides the page size (an exploration knob: the
+// case names stay the same).
+std::int32_t page_size() {
+  const char* e = std::getenv("HATTN_BENCH_PAGE_SIZE");
+  const int n = e != nullptr ? std::atoi(e) : 0;
+  return n > 0 ? n : kDefaultPageSize;
+}
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kProbeBytes = std::size_t{1} << 30;
 constexpr double kMinTimedSeconds = 2e-3;  // per iteration: amortizes the launch after the event
@@ -154,14 +163,35 @@ void bm_membw_copy(benchmark::State& state) {
   set_rates(state, total_bytes, total_s);
 }
 
+// Random N(0, 1) values of `dtype` over the whole buffer: a 32 MiB block made
+// on the host, copied over and over.
+cudaError_t fill_random(DeviceBuffer& buf, hattn::DType dtype, std::uint32_t seed) {
+  const std::size_t es = hattn::size_of(dtype);
+  const std::size_t tile = std::min<std::size_t>(buf.size(), 32 * kMiB) / es * es;
+  std::vector<unsigned char> host(tile);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (std::size_t i = 0; i < tile / es; ++i)
+    hattn::store_from_float(host.data(), dtype, static_cast<std::ptrdiff_t>(i), normal(rng));
+  for (std::size_t at = 0; at < buf.size(); at += tile) {
+    const std::size_t n = std::min(tile, buf.size() - at);
+    if (const cudaError_t e = cudaMemcpy(static_cast<unsigned char*>(buf.data()) + at, host.data(),
+                                         n, cudaMemcpyHostToDevice);
+        e != cudaSuccess)
+      return e;
+  }
+  return cudaSuccess;
+}
+
 void bm_cuda_dense(benchmark::State& state, hattn::DType kv_dtype, std::int64_t n,
                    std::int32_t batch) {
   Stream stream;
   if (!ok(stream.create(), state, "stream")) return;
   const std::size_t es = hattn::size_of(kv_dtype);
-  const std::int64_t pages_per_seq = (n + kPageSize - 1) / kPageSize;
+  const std::int32_t page = page_size();
+  const std::int64_t pages_per_seq = (n + page - 1) / page;
   const std::int64_t pages_per_set = pages_per_seq * batch;
-  const std::size_t page_elems = std::size_t{kPageSize} * kKvHeads * kHeadDim;
+  const std::size_t page_elems = static_cast<std::size_t>(page) * kKvHeads * kHeadDim;
   const double step_bytes = 2.0 * static_cast<double>(batch) * static_cast<double>(n) * kKvHeads *
                             kHeadDim * static_cast<double>(es);
   const auto set_bytes = static_cast<std::size_t>(pages_per_set) * page_elems * es;
@@ -169,20 +199,21 @@ void bm_cuda_dense(benchmark::State& state, hattn::DType kv_dtype, std::int64_t 
       1, static_cast<std::int64_t>((256 * kMiB + set_bytes - 1) / set_bytes));
   const std::int64_t num_pages = pages_per_set * sets;
 
-  // K and V pools of every set; finite values (0x3c3c: ~0.011 in bf16, 1.06 in f16).
+  // K and V pools of every set, random N(0, 1) values (never a constant:
+  // zeros or one repeated word can run faster than real data), tiled from
+  // one 32 MiB block.
   DeviceBuffer k, v;
   if (!ok(k.allocate(static_cast<std::size_t>(num_pages) * page_elems * es), state, "K pool") ||
-      !ok(v.allocate(static_cast<std::size_t>(num_pages) * page_elems * es), state, "V pool"))
-    return;
-  if (!ok(cudaMemset(k.data(), 0x3c, k.size()), state, "memset") ||
-      !ok(cudaMemset(v.data(), 0x3c, v.size()), state, "memset"))
+      !ok(v.allocate(static_cast<std::size_t>(num_pages) * page_elems * es), state, "V pool") ||
+      !ok(fill_random(k, kv_dtype, 1), state, "K fill") ||
+      !ok(fill_random(v, kv_dtype, 2), state, "V fill"))
     return;
 
   // Page tables: set s owns pages [s * pages_per_set, (s + 1) * pages_per_set).
   std::vector<std::int32_t> indptr(static_cast<std::size_t>(batch) + 1), last(batch);
   for (std::int32_t b = 0; b <= batch; ++b)
     indptr[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(b * pages_per_seq);
-  for (auto& x : last) x = static_cast<std::int32_t>(n - (pages_per_seq - 1) * kPageSize);
+  for (auto& x : last) x = static_cast<std::int32_t>(n - (pages_per_seq - 1) * page);
   std::vector<std::int32_t> indices(static_cast<std::size_t>(num_pages));
   for (std::int64_t i = 0; i < num_pages; ++i)
     indices[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
@@ -232,10 +263,10 @@ void bm_cuda_dense(benchmark::State& state, hattn::DType kv_dtype, std::int64_t 
     kv.dtype = kv_dtype;
     kv.num_kv_heads = kKvHeads;
     kv.head_dim = kHeadDim;
-    kv.page_size = kPageSize;
+    kv.page_size = page;
     kv.num_pages = num_pages;
     kv.k_strides = kv.v_strides =
-        hattn::packed_strides(hattn::KvLayout::kHND, kPageSize, kKvHeads, kHeadDim);
+        hattn::packed_strides(hattn::KvLayout::kHND, page, kKvHeads, kHeadDim);
     kv.batch_size = batch;
     kv.indptr = d_indptr.as<const std::int32_t>();
     kv.indices = d_indices.as<const std::int32_t>() + s * pages_per_set;
