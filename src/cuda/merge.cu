@@ -24,10 +24,11 @@ constexpr int kWarpsPerCta = kThreadsPerCta / 32;
 
 // One CTA per (sequence, query head) row, thread t owning elements t, t + 128,
 // ... of head_dim. Chunks go in batches of 32: each thread loads its elements
-// of all 32 before using any (a chain of one L2 round trip per chunk made
-// this kernel 22 us of a 90 us step at kv:32768 bs:1, 64 chunks, on an H100),
-// then adds them in chunk order, as the CPU merge does (bitwise the same
-// order as one chunk at a time).
+// of all 32 before using any, then adds them in chunk order, as the CPU merge
+// does (bitwise the same order as one chunk at a time). A sequence split in 64
+// chunks with a warp per row and 8 chunks per batch still spent 22 us of a
+// 90 us step here (kv:32768 bs:1 on an H100: 8 CTAs, a chain of L2 round
+// trips); docs/gpu-results.md.
 template <int D>
 __global__ void __launch_bounds__(kThreadsPerCta) merge_chunks_kernel(const DecodeParams p) {
   constexpr int kPer = (D + kThreadsPerCta - 1) / kThreadsPerCta;
