@@ -13,13 +13,10 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <map>
 #include <memory>
-#include <tuple>
 #include <vector>
 
 #include "common/check.hpp"
@@ -28,6 +25,7 @@
 #include "hattn/runtime/cpu_attention.hpp"
 #include "hattn/runtime/cuda_stream.hpp"
 #include "hattn/runtime/orchestrator.hpp"
+#include "runtime/timeline_check.hpp"
 #include "runtime/toy_engine.hpp"
 
 using hattn::Status;
@@ -36,50 +34,13 @@ using hattn::runtime::DecodeOrchestrator;
 using hattn::runtime::DenseCpuAttention;
 using hattn::runtime::MicroBatchIo;
 using hattn::runtime::PartitionPolicy;
-using hattn::runtime::Phase;
 using hattn::runtime::StageContext;
-using hattn::runtime::TimelineEntry;
 using hattn_test::ToyConfig;
 using hattn_test::ToyEngine;
 
 namespace {
 
 using Stages = hattn::runtime::EngineStages<cudaStream_t>;
-
-// The timeline of CUDA streams (event stamps, converted to the host clock
-// when the streams synchronize) and the CPU thread (host clock): each phase of
-// each (step, layer, micro-batch) at most once, stage A, the copy to the host,
-// CPU attention, the copy back and stage B all there, ending after they begin
-// and in the pipeline's causal order. Each stream converts its stamps to the
-// host clock with an error of microseconds, so across tracks a phase may seem
-// to end up to kSkew after the one it precedes.
-void check_timeline(const std::vector<TimelineEntry>& entries, int steps, int layers, int mbs) {
-  constexpr std::int64_t kSkew = 200'000;  // ns
-  using Key = std::tuple<int, int, int>;
-  std::map<Key, std::array<const TimelineEntry*, hattn::runtime::kNumPhases>> by;
-  for (const TimelineEntry& e : entries) {
-    CHECK(e.begin_ns <= e.end_ns);
-    auto& slot = by[{e.step, e.layer, e.micro_batch}][static_cast<std::size_t>(e.phase)];
-    CHECK(slot == nullptr);
-    slot = &e;
-  }
-  CHECK(by.size() == static_cast<std::size_t>(steps * layers * mbs));
-  for (const auto& [key, ph] : by) {
-    INFO("step " << std::get<0>(key) << " layer " << std::get<1>(key) << " mb "
-                 << std::get<2>(key));
-    const Phase chain[] = {Phase::kStageA, Phase::kCopyToHost, Phase::kCpuAttention,
-                           Phase::kCopyToDevice, Phase::kStageB};
-    for (Phase p : chain) REQUIRE(ph[static_cast<std::size_t>(p)] != nullptr);
-    for (std::size_t i = 0; i + 1 < std::size(chain); ++i) {
-      const TimelineEntry* a = ph[static_cast<std::size_t>(chain[i])];
-      const TimelineEntry* b = ph[static_cast<std::size_t>(chain[i + 1])];
-      // Exact within one stream; each stream converts its stamps by itself.
-      const bool same =
-          hattn::runtime::track_of(chain[i]) == hattn::runtime::track_of(chain[i + 1]);
-      CHECK(a->end_ns <= b->begin_ns + (same ? 0 : kSkew));
-    }
-  }
-}
 
 // A toy stage as a host function in stream order (it must not call CUDA).
 struct StageCall {
@@ -217,6 +178,8 @@ TEST_CASE("Orchestrated steps on CUDA streams equal the stages run in sequence",
           for (std::int32_t l = 0; l < layers; ++l)
             for (std::int32_t i = 0; i < b; ++i)
               CHECK(orch_kv.seq_len(l, i) == ref_kv.seq_len(l, i));
-          check_timeline(orch.timeline().entries(), 2, layers, std::min(mbs, b));
+          // Stamps convert to the host clock per stream, within microseconds.
+          hattn_test::check_timeline(orch.timeline().entries(), 2, layers, std::min(mbs, b),
+                                     200'000);
         }
 }

@@ -22,6 +22,7 @@
 #include "hattn/runtime/host_stream.hpp"
 #include "hattn/runtime/lsh_cpu_attention.hpp"
 #include "hattn/runtime/orchestrator.hpp"
+#include "runtime/timeline_check.hpp"
 #include "runtime/toy_engine.hpp"
 
 using hattn::Status;
@@ -325,14 +326,11 @@ TEST_CASE("Orchestrated steps are bitwise equal to the stages run in sequence", 
                                              policy, c.layers, c.mbs, step));
           CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
         }
-        // Every stage of every (layer, micro-batch) is in the timeline.
-        const auto mbs = std::min<std::size_t>(static_cast<std::size_t>(c.mbs), c.lens.size());
-        std::size_t cpu = 0;
-        for (const TimelineEntry& e : orch.timeline().entries()) {
-          CHECK(e.begin_ns <= e.end_ns);
-          if (e.phase == Phase::kCpuAttention) ++cpu;
-        }
-        CHECK(cpu == 2 * mbs * static_cast<std::size_t>(c.layers));
+        // Every stage of every (layer, micro-batch) is in the timeline, in order.
+        hattn_test::check_timeline(
+            orch.timeline().entries(), 2, c.layers,
+            static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(c.mbs), c.lens.size())),
+            0);
       }
       for (std::int32_t l = 0; l < c.layers; ++l)
         for (std::int32_t b = 0; b < static_cast<std::int32_t>(c.lens.size()); ++b)

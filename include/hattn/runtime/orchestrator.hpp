@@ -274,6 +274,7 @@ class DecodeOrchestrator {
         begin_ns_.assign(static_cast<std::size_t>(opt_.num_layers) * mbs_ * kNumPhases, 0);
         end_ns_.assign(begin_ns_.size(), 0);
         stamps_pending_ = true;
+        stamps_step_ = step_;
       }
       for (std::int32_t l = 0; l < opt_.num_layers; ++l)
         for (std::int32_t b = 0; b < batch(); ++b) {
@@ -347,8 +348,8 @@ class DecodeOrchestrator {
         for (std::size_t p = 0; p < kNumPhases; ++p) {
           const std::size_t i = phase_index(static_cast<Phase>(p), l, m);
           if (begin_ns_[i] != 0 && end_ns_[i] != 0)
-            timeline_.record(
-                {static_cast<Phase>(p), step_, l, m, begin_ns_[i] - origin, end_ns_[i] - origin});
+            timeline_.record({static_cast<Phase>(p), stamps_step_, l, m, begin_ns_[i] - origin,
+                              end_ns_[i] - origin});
         }
   }
 
@@ -631,6 +632,8 @@ class DecodeOrchestrator {
   std::vector<std::int64_t> begin_ns_;     // [layer][m][phase]: stream stamps (steady ns)
   std::vector<std::int64_t> end_ns_;       // [layer][m][phase]
   bool stamps_pending_ = false;            // begin_ns_/end_ns_ not yet in the timeline
+  std::int32_t stamps_step_ = 0;           // the step they belong to (a failed step's are
+                                           // recorded by the next step's drain)
   PageTable table_;                        // CPU thread scratch
 
   std::int32_t step_ = 0;
