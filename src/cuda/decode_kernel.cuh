@@ -353,6 +353,22 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
   // Trip count is the same for every thread: the shuffles in attend_rows see
   // all lanes.
   const int iters = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
+  // f(u, k_row, v_row) for each row u of iteration it that exists and whose
+  // page is usable; returns those rows as bits.
+  const auto for_each_row = [&](int it, auto&& f) {
+    std::uint32_t ok = 0;
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      const int t = t_begin + it * kStep + u * NG + grp;
+      std::int64_t koff = 0, voff = 0;
+      if (t < t_end &&
+          token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff)) {
+        f(u, kbase + koff, vbase + voff);
+        ok |= 1u << u;
+      }
+    }
+    return ok;
+  };
   if constexpr (kAligned) {
     // Stage st holds, per (row u, tensor, vector j), one uint4 per thread.
     constexpr int NS = kPipeStages<T, D, W>;
@@ -365,25 +381,14 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
     std::uint32_t ok_bits = 0;
     const auto issue = [&](int it) {
       const int st = it % NS;
-      std::uint32_t bits = 0;
-      if (it < iters) {
+      const auto copy = [&](int u, const Bits* kr, const Bits* vr) {
 #pragma unroll
-        for (int u = 0; u < R; ++u) {
-          const int t = t_begin + it * kStep + u * NG + grp;
-          std::int64_t koff = 0, voff = 0;
-          if (t < t_end &&
-              token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff)) {
-            const uint4* kr = reinterpret_cast<const uint4*>(kbase + koff);
-            const uint4* vr = reinterpret_cast<const uint4*>(vbase + voff);
-#pragma unroll
-            for (int j = 0; j < Shape::kVecs; ++j) {
-              cp_async16(at(st, u, 0, j), kr + j);
-              cp_async16(at(st, u, 1, j), vr + j);
-            }
-            bits |= 1u << u;
-          }
+        for (int j = 0; j < Shape::kVecs; ++j) {
+          cp_async16(at(st, u, 0, j), reinterpret_cast<const uint4*>(kr) + j);
+          cp_async16(at(st, u, 1, j), reinterpret_cast<const uint4*>(vr) + j);
         }
-      }
+      };
+      const std::uint32_t bits = it < iters ? for_each_row(it, copy) : 0u;
       constexpr std::uint32_t kMask = (1u << R) - 1u;
       ok_bits = (ok_bits & ~(kMask << (st * R))) | (bits << (st * R));
       cp_async_commit();  // empty groups too: wait_group counts stay uniform
@@ -395,43 +400,32 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<W>)
       cp_async_wait<NS - 1>();  // iteration it's group has landed
       const int st = it % NS;
       const std::uint32_t ok = ok_bits >> (st * R);
-      attend_rows([&](int u, std::uint32_t(
-                                 &w)[NW]) { read_stage<Shape>(at(st, u, 0, 0), ok >> u & 1u, w); },
-                  [&](int u, std::uint32_t(&w)[NW]) {
-                    read_stage<Shape>(at(st, u, 1, 0), ok >> u & 1u, w);
-                  },
-                  ok);
+      const auto k_row = [&](int u, std::uint32_t(&w)[NW]) {
+        read_stage<Shape>(at(st, u, 0, 0), ok >> u & 1u, w);
+      };
+      const auto v_row = [&](int u, std::uint32_t(&w)[NW]) {
+        read_stage<Shape>(at(st, u, 1, 0), ok >> u & 1u, w);
+      };
+      attend_rows(k_row, v_row, ok);
     }
     cp_async_wait<0>();
     __syncthreads();  // the accumulators below reuse the pipeline's memory
   } else {
     for (int it = 0; it < iters; ++it) {
-      std::uint32_t kw[R][NW], vw[R][NW];
-      std::uint32_t ok = 0;
+      std::uint32_t kw[R][NW] = {}, vw[R][NW] = {};  // zeros for missing rows
+      const std::uint32_t ok = for_each_row(it, [&](int u, const Bits* kr, const Bits* vr) {
+        load_row<T, D, kAligned>(kr, kw[u]);
+        load_row<T, D, kAligned>(vr, vw[u]);
+      });
+      const auto k_row = [&](int u, std::uint32_t(&w)[NW]) {
 #pragma unroll
-      for (int u = 0; u < R; ++u) {
-        const int t = t_begin + it * kStep + u * NG + grp;
-        std::int64_t koff = 0, voff = 0;
-        if (t < t_end &&
-            token_offsets(p, b, page_begin, static_cast<std::uint32_t>(t), &koff, &voff)) {
-          load_row<T, D, kAligned>(kbase + koff, kw[u]);
-          load_row<T, D, kAligned>(vbase + voff, vw[u]);
-          ok |= 1u << u;
-        } else {
+        for (int j = 0; j < NW; ++j) w[j] = kw[u][j];
+      };
+      const auto v_row = [&](int u, std::uint32_t(&w)[NW]) {
 #pragma unroll
-          for (int j = 0; j < NW; ++j) kw[u][j] = vw[u][j] = 0u;
-        }
-      }
-      attend_rows(
-          [&](int u, std::uint32_t(&w)[NW]) {
-#pragma unroll
-            for (int j = 0; j < NW; ++j) w[j] = kw[u][j];
-          },
-          [&](int u, std::uint32_t(&w)[NW]) {
-#pragma unroll
-            for (int j = 0; j < NW; ++j) w[j] = vw[u][j];
-          },
-          ok);
+        for (int j = 0; j < NW; ++j) w[j] = vw[u][j];
+      };
+      attend_rows(k_row, v_row, ok);
     }
   }
 
