@@ -19,8 +19,9 @@
 //                   synchronize() converts every pending stamp to the host
 //                   clock: it records one more event on the idle stream, waits
 //                   for it, reads steady_clock, and subtracts each event's
-//                   elapsed time to it (so stamps run late by that event's
-//                   completion latency, a few microseconds, all alike).
+//                   elapsed time to it (so all stamps of a synchronize run
+//                   late by the same amount: the time from that event's
+//                   completion to the host reading its clock).
 //   merge           cuda::merge_partials on the stream.
 //   synchronize(d)  polls cudaStreamQuery until done or the deadline, then
 //                   resolves the stamps.
@@ -251,16 +252,15 @@ class CudaStream {
   // The stream is idle: every stamp event has completed.
   void resolve_stamps() noexcept {
     if (stamps_used_ == 0) return;
-    cuda::Event now_event;
-    if (!now_event.create(/*timing=*/true) || !now_event.record(stream_) ||
-        cudaEventSynchronize(now_event.get()) != cudaSuccess) {
+    if ((now_event_.get() == nullptr && !now_event_.create(/*timing=*/true)) ||
+        !now_event_.record(stream_) || cudaEventSynchronize(now_event_.get()) != cudaSuccess) {
       (void)cudaGetLastError();
       return;
     }
     const std::int64_t now = steady_now_ns();
     for (std::size_t i = 0; i < stamps_used_; ++i) {
       float ms = 0.0f;
-      if (cudaEventElapsedTime(&ms, stamp_events_[i].get(), now_event.get()) == cudaSuccess)
+      if (cudaEventElapsedTime(&ms, stamp_events_[i].get(), now_event_.get()) == cudaSuccess)
         *stamp_targets_[i] = now - static_cast<std::int64_t>(static_cast<double>(ms) * 1e6);
       else
         (void)cudaGetLastError();
@@ -270,6 +270,7 @@ class CudaStream {
   std::vector<cuda::Event> stamp_events_;  // timing events, reused every step
   std::vector<std::int64_t*> stamp_targets_;
   std::size_t stamps_used_ = 0;
+  cuda::Event now_event_;  // resolve_stamps' reference point
   cuda::Stream owned_;
   cudaStream_t stream_ = nullptr;
   Status error_ = Status::ok();  // sticky engine error, the issuing thread's
