@@ -156,11 +156,12 @@ class CublasModel {
         const hattn::Status st = b == 0 ? stage_a(m, s) : stage_b(m, s);
         cudaGraph_t g = nullptr;
         const cudaError_t e = cudaStreamEndCapture(s, &g);
+        cudaError_t ie = cudaSuccess;
+        if (st && e == cudaSuccess)
+          ie = cudaGraphInstantiate(&graphs_[static_cast<std::size_t>(2 * m + b)], g, 0);
+        if (g != nullptr) (void)cudaGraphDestroy(g);
         HATTN_RETURN_IF_ERROR(st);
         HATTN_RETURN_IF_ERROR(hattn::cuda::cuda_status(e));
-        const cudaError_t ie =
-            cudaGraphInstantiate(&graphs_[static_cast<std::size_t>(2 * m + b)], g, 0);
-        (void)cudaGraphDestroy(g);
         HATTN_RETURN_IF_ERROR(hattn::cuda::cuda_status(ie));
       }
     return hattn::Status::ok();
