@@ -9,8 +9,9 @@
 # build/); only its tests/, benchmarks/ and examples/ binaries are used, so a
 # copy of those (plus BIN_DIR/lib for shared libraries the machine lacks) is
 # enough. STEPS is a comma list of tests,dense,orch,sdpa,llama (default: all).
-# Logs, JSON and traces go to one tarball, $OUT/gpu_check.tgz (default out/gpu). Every step runs even when an
-# earlier one fails; the exit code is the number of failed steps.
+# Logs, JSON and traces go to one tarball, $OUT/gpu_check.tgz (OUT defaults to
+# out/gpu). Every step runs even when an earlier one fails; the exit code is
+# the number of failed steps.
 set -u -o pipefail
 
 bin=${1:-build}
@@ -63,8 +64,8 @@ grep -E "best|torch" "$raw/sdpa.log" 2>/dev/null
 # llama_decode, Llama-3-8B shape with 4 layers at a 32K prompt (synthetic
 # weights and KV), batch 1 then batch 8: the whole model on the GPU, then GEMMs
 # on the GPU with CPU attention (dense, then LSH) through the orchestrator.
-# The synthetic weights (3.85 GB) go to /dev/shm: the machine's disk wrote
-# them at ~13 MB/s.
+# The synthetic weights (3.85 GB) go to /dev/shm: on the H100 machine's disk
+# writing them did not finish in 300 s.
 synth=/dev/shm/hattn-synthetic
 mkdir -p "$synth" 2>/dev/null || synth=/tmp/hattn-synthetic
 llama="$bin/examples/llama_decode --synthetic llama3-8b-shape-4layers --synthetic-dir $synth"
