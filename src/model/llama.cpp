@@ -138,7 +138,9 @@ Status LlamaModel::load(const std::filesystem::path& dir, LlamaModel* out, std::
   HATTN_RETURN_IF_ERROR(load_llama_config(dir, &m.config_, detail));
   m.store_ = std::make_unique<TensorStore>();
   std::string inner;
-  if (Status s = TensorStore::open(dir, m.store_.get(), &inner); !s) {
+  // Resident: every weight is read each decode step, so read them in now (the
+  // load time says what the disk costs) rather than during the first steps.
+  if (Status s = TensorStore::open(dir, m.store_.get(), &inner, /*resident=*/true); !s) {
     set_detail(detail, inner);
     return s;
   }

@@ -80,7 +80,7 @@ void SafetensorsFile::unmap() noexcept {
 }
 
 Status SafetensorsFile::open(const std::filesystem::path& path, SafetensorsFile* out,
-                             std::string* detail) {
+                             std::string* detail, bool resident) {
   const std::string name = path.string();
   const Status bad_file(StatusCode::kInvalidArgument, "bad safetensors file");
   const int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
@@ -95,7 +95,11 @@ Status SafetensorsFile::open(const std::filesystem::path& path, SafetensorsFile*
     return bad_file;
   }
   const auto bytes = static_cast<std::size_t>(st.st_size);
-  void* map = mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+  int flags = MAP_PRIVATE;
+#if defined(MAP_POPULATE)
+  if (resident) flags |= MAP_POPULATE;
+#endif
+  void* map = mmap(nullptr, bytes, PROT_READ, flags, fd, 0);
   ::close(fd);
   if (map == MAP_FAILED) {
     set_detail(detail, "cannot map " + name + ": " + std::strerror(errno));
@@ -175,7 +179,8 @@ Status SafetensorsFile::open(const std::filesystem::path& path, SafetensorsFile*
   return Status::ok();
 }
 
-Status TensorStore::open(const std::filesystem::path& dir, TensorStore* out, std::string* detail) {
+Status TensorStore::open(const std::filesystem::path& dir, TensorStore* out, std::string* detail,
+                         bool resident) {
   TensorStore store;
   const auto index_path = dir / "model.safetensors.index.json";
   const auto single_path = dir / "model.safetensors";
@@ -203,7 +208,7 @@ Status TensorStore::open(const std::filesystem::path& dir, TensorStore* out, std
     }
     for (auto& [file, idx] : shard_of_file) {
       SafetensorsFile f;
-      HATTN_RETURN_IF_ERROR(SafetensorsFile::open(dir / file, &f, detail));
+      HATTN_RETURN_IF_ERROR(SafetensorsFile::open(dir / file, &f, detail, resident));
       idx = store.files_.size();
       store.files_.push_back(std::move(f));
     }
@@ -218,7 +223,7 @@ Status TensorStore::open(const std::filesystem::path& dir, TensorStore* out, std
     }
   } else if (std::filesystem::exists(single_path, ec)) {
     SafetensorsFile f;
-    HATTN_RETURN_IF_ERROR(SafetensorsFile::open(single_path, &f, detail));
+    HATTN_RETURN_IF_ERROR(SafetensorsFile::open(single_path, &f, detail, resident));
     store.files_.push_back(std::move(f));
     for (const auto& [name, t] : store.files_.back().tensors()) store.index_[name] = &t;
   } else {

@@ -70,8 +70,9 @@ class StageScratch {
 
 class LlamaModel {
  public:
-  // Reads config.json and the safetensors of `dir` (single or sharded) and
-  // checks every tensor's presence and shape. Errors say which file/tensor.
+  // Reads config.json and the safetensors of `dir` (single or sharded, mapped
+  // and read in at once: TensorStore::open's `resident`) and checks every
+  // tensor's presence and shape. Errors say which file/tensor.
   static Status load(const std::filesystem::path& dir, LlamaModel* out,
                      std::string* detail = nullptr);
 

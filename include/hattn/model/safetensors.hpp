@@ -47,9 +47,11 @@ class SafetensorsFile {
 
   // Maps `path` and checks its header: kInvalidArgument for a missing or
   // truncated file and a bad header, kNotSupported for a dtype other than
-  // F32/F16/BF16. `detail` says which file and tensor.
+  // F32/F16/BF16. `detail` says which file and tensor. `resident`: read the
+  // whole file in now (MAP_POPULATE), so later accesses never wait for the
+  // disk; otherwise pages are read on first touch.
   static Status open(const std::filesystem::path& path, SafetensorsFile* out,
-                     std::string* detail = nullptr);
+                     std::string* detail = nullptr, bool resident = false);
 
   const std::map<std::string, TensorRef>& tensors() const noexcept { return tensors_; }
   const std::filesystem::path& path() const noexcept { return path_; }
@@ -67,9 +69,10 @@ class TensorStore {
  public:
   // Opens <dir>/model.safetensors.index.json (sharded) if present, else
   // <dir>/model.safetensors. Every shard named by the index must open, and
-  // every tensor of the index must be in its shard.
+  // every tensor of the index must be in its shard. `resident`: as for
+  // SafetensorsFile::open, for every shard.
   static Status open(const std::filesystem::path& dir, TensorStore* out,
-                     std::string* detail = nullptr);
+                     std::string* detail = nullptr, bool resident = false);
 
   bool contains(const std::string& name) const { return index_.count(name) != 0; }
   // The tensor `name` with exactly `shape`; kInvalidArgument (with detail)
