@@ -55,8 +55,9 @@ __global__ void __launch_bounds__(kThreadsPerCta) merge_chunks_kernel(const Deco
     float ov[kBatch][kPer];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      // Past the last chunk, or an empty chunk (its o was never written): loaded
-      // from the workspace but never used, its weight being 0.
+      // Past the last chunk: chunk C - 1 again, never used (weight 0). Every
+      // chunk's partial is written by the decode kernel (an empty one as o = 0,
+      // lse2 = -inf), so no load reads uninitialized memory.
       const std::int64_t c = c0 + min(i, n - 1);
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
