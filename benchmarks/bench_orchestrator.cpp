@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../examples/04_orchestrated_step/gemm_model.hpp"
+#include "bench_orchestrator_common.hpp"
 #include "hattn/cpu/executor.hpp"
 #include "hattn/runtime/affinity.hpp"
 #include "hattn/runtime/cpu_attention.hpp"
@@ -47,19 +48,17 @@ namespace {
 namespace rt = hattn::runtime;
 using Ms = std::chrono::duration<double, std::milli>;
 
-constexpr std::int32_t kLayers = 8;
-constexpr std::int32_t kBatch = 16;
-constexpr std::int32_t kKvLen = 4096;
-constexpr std::int32_t kSpareTokens = 1024;  // room for the benchmark's steps
+// The attention shape and its host KV cache: bench_orchestrator_common.hpp.
+const bench_orch::Shape kShape{};  // bf16 KV, 8 layers, batch 16, 4096 tokens
 
 hattn_examples::GemmModelConfig model_config(std::int32_t mbs, std::int32_t mlp_reps) {
   hattn_examples::GemmModelConfig c;
-  c.num_layers = kLayers;
-  c.batch = kBatch;
+  c.num_layers = kShape.layers;
+  c.batch = kShape.batch;
   c.num_micro_batches = mbs;
-  c.q_heads = 8;
-  c.kv_heads = 2;
-  c.head_dim = 64;
+  c.q_heads = kShape.q_heads;
+  c.kv_heads = kShape.kv_heads;
+  c.head_dim = kShape.head_dim;
   // Small weights (~0.5 MB in all) stay in the compute core's L2 while the
   // attention streams the KV cache through memory: like an accelerator, the
   // compute does not compete for the host's memory bandwidth.
@@ -81,65 +80,17 @@ int attention_cpu() {
 }
 int compute_cpu() { return 1 - attention_cpu(); }
 
-hattn::DecodeProblem problem(std::int32_t batch) {
-  return {.batch_size = batch,
-          .num_q_heads = 8,
-          .num_kv_heads = 2,
-          .head_dim = 64,
-          .kv_dtype = hattn::DType::kBF16,
-          .q_dtype = hattn::DType::kF32,
-          .o_dtype = hattn::DType::kF32,
-          .sm_scale = std::nullopt};
-}
-
-std::unique_ptr<rt::HostKvCache> make_cache() {
-  const std::int64_t pages = (kKvLen + kSpareTokens) / 16 + 1;
-  auto kv = std::make_unique<rt::HostKvCache>(
-      kLayers, hattn::PagePoolOptions{.dtype = hattn::DType::kBF16,
-                                      .num_kv_heads = 2,
-                                      .head_dim = 64,
-                                      .page_size = 16,
-                                      .num_pages = pages * kBatch,
-                                      .layout = hattn::KvLayout::kHND});
-  std::vector<hattn::bf16> k(std::size_t{kKvLen} * 2 * 64), v(k.size());
-  for (std::size_t i = 0; i < k.size(); ++i) {
-    k[i] = hattn::to_bf16(std::sin(0.37f * static_cast<float>(i % 1000)));
-    v[i] = hattn::to_bf16(std::cos(0.11f * static_cast<float>(i % 777)));
-  }
-  for (std::int32_t b = 0; b < kBatch; ++b) {
-    std::int32_t id = 0;
-    if (!kv->add_sequence(&id)) return nullptr;
-    for (std::int32_t l = 0; l < kLayers; ++l)
-      if (!kv->append(l, id, k.data(), v.data(), kKvLen)) return nullptr;
-  }
-  return kv;
-}
-
-std::vector<std::int32_t> all_seqs() {
-  std::vector<std::int32_t> s(kBatch);
-  for (std::int32_t i = 0; i < kBatch; ++i) s[static_cast<std::size_t>(i)] = i;
-  return s;
-}
-
-template <class F>
-double median_ms(int reps, F&& f) {
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(Ms(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+std::unique_ptr<rt::HostKvCache> make_cache() { return bench_orch::make_cache(kShape); }
+std::vector<std::int32_t> all_seqs() { return kShape.seqs(); }
+using bench_orch::median_ms;
 
 // The stages of one step, in sequence on this thread.
 double compute_alone_ms(hattn_examples::GemmModel& model, std::int32_t mbs, int reps = 5) {
   const auto seqs = all_seqs();
   return median_ms(reps, [&] {
-    for (std::int32_t l = 0; l < kLayers; ++l)
+    for (std::int32_t l = 0; l < kShape.layers; ++l)
       for (std::int32_t m = 0; m < mbs; ++m) {
-        const auto r = rt::micro_batch_range(kBatch, mbs, m);
+        const auto r = rt::micro_batch_range(kShape.batch, mbs, m);
         rt::StageContext c;
         c.layer = l;
         c.micro_batch = m;
@@ -155,33 +106,7 @@ double compute_alone_ms(hattn_examples::GemmModel& model, std::int32_t mbs, int 
 // The CPU attention of one step (every layer and micro-batch), alone.
 double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::CpuExecutor& ex,
                           int reps = 5) {
-  const auto seqs = all_seqs();
-  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
-  rt::DenseCpuAttention backend(problem(max_mb));
-  std::vector<float> q(static_cast<std::size_t>(max_mb) * 8 * 64, 0.01f), o(q.size()),
-      lse(static_cast<std::size_t>(max_mb) * 8);
-  std::vector<std::int64_t> cpu(kBatch);
-  hattn::PageTable table;
-  bool ok = true;
-  const double ms = median_ms(reps, [&] {
-    for (std::int32_t l = 0; l < kLayers; ++l)
-      for (std::int32_t m = 0; m < mbs; ++m) {
-        const auto r = rt::micro_batch_range(kBatch, mbs, m);
-        for (std::int32_t b = 0; b < r.size; ++b)
-          cpu[static_cast<std::size_t>(b)] =
-              kv.seq_len(l, seqs[static_cast<std::size_t>(r.begin + b)]);
-        rt::CpuAttentionTask t;
-        t.layer = l;
-        t.micro_batch = m;
-        t.problem = problem(r.size);
-        ok = ok && kv.build_page_table(l, seqs.data() + r.begin, cpu.data(), r.size, &table);
-        t.kv = kv.pool(l).view(table);
-        t.q = hattn::make_query_view(q.data(), hattn::DType::kF32, r.size, 8, 64);
-        t.out = hattn::make_partial_view(o.data(), hattn::DType::kF32, lse.data(), r.size, 8, 64);
-        ok = ok && backend.attend(t, ex);
-      }
-  });
-  return ok ? ms : -1.0;
+  return bench_orch::attention_alone_ms(kShape, kv, mbs, ex, reps);
 }
 
 // MLP depth at which compute ~ attention (mb:2 split), found once.
@@ -207,16 +132,11 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
   }
   hattn_examples::GemmModel model(model_config(mbs, reps), 7);
   hattn::CpuExecutor executor(1);  // attention on one core, compute on the other
-  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
+  const auto max_mb = rt::micro_batch_range(kShape.batch, mbs, 0).size;
   rt::OrchestratorOptions oo;
-  oo.num_layers = kLayers;
+  oo.num_layers = kShape.layers;
   oo.num_micro_batches = mbs;
-  oo.slot = {.max_batch = max_mb,
-             .num_q_heads = 8,
-             .num_kv_heads = 2,
-             .head_dim = 64,
-             .kv_dtype = hattn::DType::kBF16,
-             .code_bytes_per_seq = 0};
+  oo.slot = kShape.slot(max_mb);
   // HATTN_BENCH_TRACE_DIR=<dir>: record the timeline and write it there.
   oo.record_timeline = std::getenv("HATTN_BENCH_TRACE_DIR") != nullptr;
   // Thread placement (HATTN_BENCH_PIN=0 turns it off): the compute stream's
@@ -227,7 +147,7 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
   const bool pin = std::thread::hardware_concurrency() >= 2 &&
                    !(pin_env != nullptr && std::string(pin_env) == "0");
   if (pin) oo.cpu_thread_init = [] { (void)rt::pin_this_thread(attention_cpu()); };
-  rt::DenseCpuAttention backend(problem(max_mb));
+  rt::DenseCpuAttention backend(kShape.problem(max_mb));
   rt::HostStream compute(
       pin ? std::function<void()>([] { (void)rt::pin_this_thread(compute_cpu()); })
           : std::function<void()>()),
@@ -245,8 +165,8 @@ void BM_orchestrator_host(benchmark::State& state, std::int32_t mbs) {
   // noisy); the counters are medians over the iterations.
   std::vector<double> step_ms, compute_ms, attention_ms;
   for (auto _ : state) {
-    if (kv->seq_len(0, 0) >= kKvLen + kSpareTokens - 1) {
-      state.SkipWithError("out of spare KV pages: raise kSpareTokens");
+    if (kv->seq_len(0, 0) >= kShape.kv_len + kShape.spare - 1) {
+      state.SkipWithError("out of spare KV pages: raise Shape::spare");
       break;
     }
     const auto t0 = std::chrono::steady_clock::now();

@@ -44,10 +44,11 @@
 #include "hattn/runtime/host_kv_cache.hpp"
 #include "hattn/runtime/orchestrator.hpp"
 
+#include "bench_orchestrator_common.hpp"
+
 namespace bench_cuda {
 
 namespace rt = hattn::runtime;
-using Ms = std::chrono::duration<double, std::milli>;
 
 constexpr std::int32_t kLayers = 8, kBatch = 16, kKvLen = 4096, kSpare = 1024;
 constexpr std::int32_t kHq = 8, kHkv = 2, kD = 64, kHidden = 512, kFfn = 2048;
@@ -58,39 +59,9 @@ bool use_graphs() {
   return e == nullptr || std::string(e) != "0";
 }
 
-hattn::DecodeProblem problem(std::int32_t batch) {
-  return {.batch_size = batch,
-          .num_q_heads = kHq,
-          .num_kv_heads = kHkv,
-          .head_dim = kD,
-          .kv_dtype = hattn::DType::kF32,
-          .q_dtype = hattn::DType::kF32,
-          .o_dtype = hattn::DType::kF32,
-          .sm_scale = std::nullopt};
-}
-
-std::unique_ptr<rt::HostKvCache> make_cache() {
-  const std::int64_t pages = (kKvLen + kSpare) / 16 + 1;
-  auto kv = std::make_unique<rt::HostKvCache>(
-      kLayers, hattn::PagePoolOptions{.dtype = hattn::DType::kF32,
-                                      .num_kv_heads = kHkv,
-                                      .head_dim = kD,
-                                      .page_size = 16,
-                                      .num_pages = pages * kBatch,
-                                      .layout = hattn::KvLayout::kHND});
-  std::vector<float> k(std::size_t{kKvLen} * kKd), v(k.size());
-  for (std::size_t i = 0; i < k.size(); ++i) {
-    k[i] = std::sin(0.37f * static_cast<float>(i % 1000));
-    v[i] = std::cos(0.11f * static_cast<float>(i % 777));
-  }
-  for (std::int32_t b = 0; b < kBatch; ++b) {
-    std::int32_t id = 0;
-    if (!kv->add_sequence(&id)) return nullptr;
-    for (std::int32_t l = 0; l < kLayers; ++l)
-      if (!kv->append(l, id, k.data(), v.data(), kKvLen)) return nullptr;
-  }
-  return kv;
-}
+// The attention shape and its host KV cache (f32: the stages write k and v
+// with SGEMM, no conversion kernel): bench_orchestrator_common.hpp.
+const bench_orch::Shape kShape{kLayers, kBatch, kKvLen, kSpare, kHq, kHkv, kD, hattn::DType::kF32};
 
 // Device buffers and cuBLAS SGEMM stages. Row-major [rows][cols] matrices:
 // C = A B is computed as C^T = B^T A^T in cuBLAS's column-major terms.
@@ -232,12 +203,7 @@ class CublasModel {
   std::vector<rt::MicroBatchIo> io_;
 };
 
-template <class F>
-double time_ms(F&& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  return Ms(std::chrono::steady_clock::now() - t0).count();
-}
+using bench_orch::time_ms;
 
 double compute_alone_ms(CublasModel& model, std::int32_t mbs, cudaStream_t s) {
   return time_ms([&] {
@@ -247,33 +213,6 @@ double compute_alone_ms(CublasModel& model, std::int32_t mbs, cudaStream_t s) {
         (void)model.run_b(m, s);
       }
     (void)cudaStreamSynchronize(s);
-  });
-}
-
-double attention_alone_ms(rt::HostKvCache& kv, std::int32_t mbs, const hattn::CpuExecutor& ex) {
-  const auto max_mb = rt::micro_batch_range(kBatch, mbs, 0).size;
-  rt::DenseCpuAttention backend(problem(max_mb));
-  std::vector<float> q(static_cast<std::size_t>(max_mb) * kQd, 0.01f), o(q.size()),
-      lse(static_cast<std::size_t>(max_mb) * kHq);
-  std::vector<std::int32_t> seqs(kBatch);
-  for (std::int32_t i = 0; i < kBatch; ++i) seqs[static_cast<std::size_t>(i)] = i;
-  std::vector<std::int64_t> cpu(kBatch);
-  hattn::PageTable table;
-  return time_ms([&] {
-    for (std::int32_t l = 0; l < kLayers; ++l)
-      for (std::int32_t m = 0; m < mbs; ++m) {
-        const auto r = rt::micro_batch_range(kBatch, mbs, m);
-        for (std::int32_t b = 0; b < r.size; ++b)
-          cpu[static_cast<std::size_t>(b)] =
-              kv.seq_len(l, seqs[static_cast<std::size_t>(r.begin + b)]);
-        (void)kv.build_page_table(l, seqs.data() + r.begin, cpu.data(), r.size, &table);
-        rt::CpuAttentionTask t;
-        t.problem = problem(r.size);
-        t.kv = kv.pool(l).view(table);
-        t.q = hattn::make_query_view(q.data(), hattn::DType::kF32, r.size, kHq, kD);
-        t.out = hattn::make_partial_view(o.data(), hattn::DType::kF32, lse.data(), r.size, kHq, kD);
-        (void)backend.attend(t, ex);
-      }
   });
 }
 
@@ -296,9 +235,9 @@ int attention_threads() {
 
 std::int32_t calibrated_mlp_reps(rt::CudaStream& s) {
   static const std::int32_t reps = [&] {
-    auto kv = make_cache();
+    auto kv = bench_orch::make_cache(kShape);
     hattn::CpuExecutor ex(attention_threads());
-    const double att = kv ? attention_alone_ms(*kv, 2, ex) : 1.0;
+    const double att = kv ? bench_orch::attention_alone_ms(kShape, *kv, 2, ex, 1) : 1.0;
     CublasModel m1(2, 1), m9(2, 9);
     if (!m1.init(s.handle()) || !m9.init(s.handle())) return 1;
     if (use_graphs() && (!m1.capture(s.handle()) || !m9.capture(s.handle()))) return 1;
@@ -325,7 +264,7 @@ inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
     return;
   }
   const std::int32_t reps = calibrated_mlp_reps(*compute);
-  auto kv = make_cache();
+  auto kv = bench_orch::make_cache(kShape);
   CublasModel model(mbs, reps);
   if (!kv || !model.init(compute->handle()) ||
       (use_graphs() && !model.capture(compute->handle()))) {
@@ -337,20 +276,14 @@ inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
   rt::OrchestratorOptions oo;
   oo.num_layers = kLayers;
   oo.num_micro_batches = mbs;
-  oo.slot = {.max_batch = max_mb,
-             .num_q_heads = kHq,
-             .num_kv_heads = kHkv,
-             .head_dim = kD,
-             .kv_dtype = hattn::DType::kF32,
-             .code_bytes_per_seq = 0};
+  oo.slot = kShape.slot(max_mb);
   const char* trace_dir = std::getenv("HATTN_BENCH_TRACE_DIR");
   oo.record_timeline = trace_dir != nullptr;
-  rt::DenseCpuAttention backend(problem(max_mb));
+  rt::DenseCpuAttention backend(kShape.problem(max_mb));
   rt::DecodeOrchestrator<rt::CudaStream, rt::DenseCpuAttention> orch(
       oo, *compute, *copy, *kv, backend, executor, rt::PartitionPolicy::all_cpu(),
       rt::cuda_pinned_host_memory());
-  std::vector<std::int32_t> seqs(kBatch);
-  for (std::int32_t i = 0; i < kBatch; ++i) seqs[static_cast<std::size_t>(i)] = i;
+  const std::vector<std::int32_t> seqs = kShape.seqs();
   const auto stages = model.stages();
   if (const hattn::Status s = orch.step(seqs, model.io(), stages); !s) {
     state.SkipWithError(s.message());
@@ -369,7 +302,7 @@ inline void BM_orchestrator_cuda(benchmark::State& state, std::int32_t mbs) {
       break;
     }
     compute_ms.push_back(compute_alone_ms(model, mbs, compute->handle()));
-    attention_ms.push_back(attention_alone_ms(*kv, mbs, executor));
+    attention_ms.push_back(bench_orch::attention_alone_ms(kShape, *kv, mbs, executor, 1));
   }
   if (step_ms.empty()) return;
   auto median = [](std::vector<double> v) {
