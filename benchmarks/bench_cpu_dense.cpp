@@ -16,10 +16,10 @@
 // instead: the same rates, "/real_time" names.
 //
 // Every cpu_dense case: 32 query heads, 8 KV heads, head dim 128, pages of 16
-// tokens in HND order (HostPagePool), f32 query and output, all cores
-// (default CpuExecutor), wall-clock time. Each iteration runs one decode step
-// on the next of N distinct KV sets, N * KV bytes >= 512 MiB, so no iteration
-// finds its KV in cache. Only run() is timed; the plans are made beforehand.
+// tokens (HATTN_BENCH_PAGE_SIZE overrides) in HND order (HostPagePool), f32 query and output, all
+// cores (default CpuExecutor), wall-clock time. Each iteration runs one decode step on the next of
+// N distinct KV sets, N * KV bytes >= 512 MiB, so no iteration finds its KV in cache. Only run() is
+// timed; the plans are made beforehand.
 //
 // Reported: bytes_per_second (KV bytes = 2 * sum(len) * H_kv * D * sizeof(kv)
 // per iteration), bw_fraction = that rate / the probe's rate, probe_GBps (the
@@ -75,7 +75,17 @@ using Clock = std::chrono::steady_clock;
 constexpr std::int32_t kQHeads = 32;
 constexpr std::int32_t kKvHeads = 8;
 constexpr std::int32_t kHeadDim = 128;
-constexpr std::int32_t kPageSize = 16;
+constexpr std::int32_t kDefaultPageSize = 16;
+// HATTN_BENCH_PAGE_SIZE=<n> overrides the page size (an exploration knob: the
+// case names stay the same; docs/cpu-dense.md measures 64-token pages).
+std::int32_t page_size() {
+  static const std::int32_t n = [] {
+    const char* e = std::getenv("HATTN_BENCH_PAGE_SIZE");
+    const int v = e != nullptr ? std::atoi(e) : 0;
+    return v > 0 ? v : kDefaultPageSize;
+  }();
+  return n;
+}
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kGiB = std::size_t{1} << 30;
 constexpr std::size_t kMaxKvBytes = 8 * kGiB;       // larger cases are not registered
@@ -463,12 +473,12 @@ std::unique_ptr<Fixture> make_dense_fixture(const DenseCase& c) {
   // Pages for every sequence of every set, handed out by the pool through
   // append (its only way of giving a sequence pages); the contents appended
   // are placeholders, overwritten below.
-  const std::int64_t pages_per_seq = (c.kv_len + kPageSize - 1) / kPageSize;
+  const std::int64_t pages_per_seq = (c.kv_len + page_size() - 1) / page_size();
   hattn::PagePoolOptions po;
   po.dtype = c.kv_dtype;
   po.num_kv_heads = kKvHeads;
   po.head_dim = kHeadDim;
-  po.page_size = kPageSize;
+  po.page_size = page_size();
   po.num_pages = pages_per_seq * c.batch * static_cast<std::int64_t>(sets);
   po.layout = hattn::KvLayout::kHND;
   fx->pool.emplace(po);

@@ -377,3 +377,36 @@ TEST_CASE("decode of an empty batch succeeds and writes nothing", "[decode][empt
           hattn::StatusCode::kSuccess);
   }
 }
+
+TEST_CASE("decode matches ref when the kernel walks a whole page per KV head", "[decode][visit]") {
+  // HND pages whose size is a multiple of 16 that divides a kernel call (32 ..
+  // 256 tokens), and dense views with contiguous rows, are walked one KV head
+  // at a time per page (64 rows for dense views); 48-token pages and NHD
+  // pages fall back to one 16-row block of every head at a time. Lengths
+  // cross pages, kernel calls (256 rows) and chunks (512 rows at least).
+  struct Visit {
+    ViewKind view;
+    KvLayout layout;
+    int page;
+  };
+  const std::vector<Visit> visits = {
+      {ViewKind::kPaged, KvLayout::kHND, 32},  {ViewKind::kPaged, KvLayout::kHND, 64},
+      {ViewKind::kPaged, KvLayout::kHND, 128}, {ViewKind::kPaged, KvLayout::kHND, 256},
+      {ViewKind::kPaged, KvLayout::kHND, 48},  {ViewKind::kPaged, KvLayout::kNHD, 64},
+      {ViewKind::kDense, KvLayout::kHND, 16},  {ViewKind::kDense, KvLayout::kNHD, 16}};
+  const auto kv_types = list_values<hattn::SupportedKvDTypes>();
+  std::size_t i = 0;
+  for (const Visit& v : visits) {
+    DecodeCase dc;
+    dc.view = v.view;
+    dc.layout = v.layout;
+    dc.page_size = v.page;
+    dc.kv = kv_types[i % kv_types.size()];
+    dc.head_dim = i % 2 ? 64 : 128;
+    dc.group = i % 3 == 0 ? 4 : 8;
+    dc.num_kv_heads = 3;
+    const std::int64_t P = v.page;
+    dc.lens = {2 * P + 5, 1300, 0, P - 1, 8 * P + 17};
+    check_decode_case(dc, tag("visit", i++));
+  }
+}

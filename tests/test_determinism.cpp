@@ -97,6 +97,14 @@ TEST_CASE("decode is bitwise identical on 1, 2 and all threads and a borrowed ar
     const DecodeInputs in(c, rng);
     check_deterministic(c, in, in.paged());
   }
+  SECTION("paged, 64-token HND pages (one KV head per page at a time)") {
+    c.view = hattn_test::ViewKind::kPaged;
+    c.page_size = 64;
+    c.layout = hattn::KvLayout::kHND;
+    std::mt19937_64 rng = hattn_test::make_rng("determinism/paged64");
+    const DecodeInputs in(c, rng);
+    check_deterministic(c, in, in.paged());
+  }
   SECTION("dense, padded, f16 output") {
     c.view = hattn_test::ViewKind::kDense;
     c.padded = true;

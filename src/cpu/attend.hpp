@@ -32,6 +32,13 @@ struct AttendArgs {
   // Kernels with a score transform (the LSH-sampled one) read their
   // per-call context here; plain kernels ignore it.
   const void* ctx = nullptr;
+  // Rows of one KV head walked before the next head (rounded down to a
+  // multiple of the kernel's block; <= one block: every head of a block, then
+  // the next block). When a head's rows are contiguous for a whole page (HND
+  // pages of 32 or more tokens), a visit of one page reads one run of memory
+  // and loads the head's q and accumulators once per page instead of once
+  // per block (docs/cpu-dense.md, "the per-head state").
+  std::int32_t visit = 0;
 };
 
 // NH * G of one pass never exceeds this.

@@ -138,23 +138,29 @@ struct Bf16DotAttend {
       m[i] = a.m[i];
       lsum[i] = _mm512_mask_mov_ps(_mm512_setzero_ps(), 1, _mm512_set1_ps(a.l[i]));
     }
-    for (int t0 = 0; t0 < a.n; t0 += W) {
-      const int nb = a.n - t0 < W ? a.n - t0 : W;
-      for (int hk = 0; hk < a.NH; ++hk) {
-        Simd::prefetch_next(a, hk, t0, nb);
-        scores(qb + hk * G * kChunks, G, a.k, hk * a.k_head_stride, t0, nb, dots);
-        float* mh = m + hk * G;
-        Ops::B* lh = lsum + hk * G;
-        for (int h = 0; h < G; ++h) {
-          const __m512 p =
-              Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [](auto s) { return s; });
-          const __m256bh p16 = _mm512_cvtneps_pbh(p);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[h]), (__m256i)p16);
-          // Sum the rounded weights: o is then an exactly normalized mix.
-          lh[h] = lh[h] + Ops::B(_mm512_cvtpbh_ps(p16));
+    // The block order of Simd::for_each_block, written out: a lambda would not
+    // inherit this function's target attribute.
+    const int visit = Simd::visit_rows(a);
+    for (int v0 = 0; v0 < a.n; v0 += visit) {
+      const int v1 = a.n - v0 < visit ? a.n : v0 + visit;
+      for (int hk = 0; hk < a.NH; ++hk)
+        for (int t0 = v0; t0 < v1; t0 += W) {
+          const int nb = v1 - t0 < W ? v1 - t0 : W;
+          const bool single = visit == W;
+          if (single) Simd::prefetch_next(a, hk, t0, nb);
+          scores(qb + hk * G * kChunks, G, a.k, hk * a.k_head_stride, t0, nb, dots);
+          float* mh = m + hk * G;
+          Ops::B* lh = lsum + hk * G;
+          for (int h = 0; h < G; ++h) {
+            const __m512 p =
+                Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [](auto s) { return s; });
+            const __m256bh p16 = _mm512_cvtneps_pbh(p);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[h]), (__m256i)p16);
+            // Sum the rounded weights: o is then an exactly normalized mix.
+            lh[h] = lh[h] + Ops::B(_mm512_cvtpbh_ps(p16));
+          }
+          values(a.acc + hk * G * D, G, a.v, hk * a.v_head_stride, t0, nb, pb, alpha);
         }
-        values(a.acc + hk * G * D, G, a.v, hk * a.v_head_stride, t0, nb, pb, alpha);
-      }
     }
     for (int i = 0; i < NG; ++i) {
       a.m[i] = m[i];

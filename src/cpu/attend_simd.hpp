@@ -186,6 +186,23 @@ struct SimdAttend {
       prefetch_head(a, 0, t0 + W, a.n - t0 - W < W ? a.n : t0 + 2 * W);
   }
 
+  // f(hk, t0, nb, single) for every block [t0, t0 + nb) of W rows and KV head
+  // hk, in the order the rows are read: per visit of a.visit rows (one block
+  // when a.visit <= W), head by head, each head's blocks in order. single:
+  // visits are one block (the next head's rows are then worth prefetching).
+  // Each head sees its blocks in row order whatever the visit, so results do
+  // not depend on it.
+  static int visit_rows(const AttendArgs& a) noexcept { return a.visit > W ? a.visit / W * W : W; }
+  template <class F>
+  static void for_each_block(const AttendArgs& a, F&& f) noexcept {
+    const int visit = visit_rows(a);
+    for (int v0 = 0; v0 < a.n; v0 += visit) {
+      const int v1 = a.n - v0 < visit ? a.n : v0 + visit;
+      for (int hk = 0; hk < a.NH; ++hk)
+        for (int t0 = v0; t0 < v1; t0 += W) f(hk, t0, v1 - t0 < W ? v1 - t0 : W, visit == W);
+    }
+  }
+
   // Online softmax in base 2 for one query head and block: reduces the W
   // dot-product vectors (nb valid) to scores, raises the running max m
   // (rescaling the running sum l; alpha = the factor, 1 when m holds) and
@@ -332,33 +349,30 @@ struct SimdAttend {
       lsum[i] = B::load_aligned(l0);
     }
 
-    for (int t0 = 0; t0 < a.n; t0 += W) {
-      const int nb = a.n - t0 < W ? a.n - t0 : W;
-      for (int hk = 0; hk < a.NH; ++hk) {
-        if constexpr (!Scores::kRowPrefetch) prefetch_next(a, hk, t0, nb);
-        const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,   a.k, a.v,
-                      hk * a.k_head_stride, hk * a.v_head_stride, a.n, Scores::key_mean(a)};
-        float* mh = m + hk * G;
-        B* lh = lsum + hk * G;
-        for_each_tile<kScoreTile>(
-            G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots, ndots); });
-        B kn(0.0f);
-        if constexpr (Scores::kKeyNorm) {
-          B rows[W];
-          for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(ndots[t]) : B(0.0f);
-          kn = xsimd::sqrt(Ops::haddp(rows));
-        }
-        for (int h = 0; h < G; ++h) {
-          const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [&](B sc) {
-            return Scores::apply(a, sc, t0, hk * G + h, kn);
-          });
-          pv.store_aligned(p[h]);
-          lh[h] = lh[h] + pv;
-        }
-        for_each_tile<kHeadTile>(
-            G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha); });
+    for_each_block(a, [&](int hk, int t0, int nb, bool single) {
+      if constexpr (!Scores::kRowPrefetch)
+        if (single) prefetch_next(a, hk, t0, nb);
+      const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,   a.k, a.v,
+                    hk * a.k_head_stride, hk * a.v_head_stride, a.n, Scores::key_mean(a)};
+      float* mh = m + hk * G;
+      B* lh = lsum + hk * G;
+      for_each_tile<kScoreTile>(
+          G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots, ndots); });
+      B kn(0.0f);
+      if constexpr (Scores::kKeyNorm) {
+        B rows[W];
+        for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(ndots[t]) : B(0.0f);
+        kn = xsimd::sqrt(Ops::haddp(rows));
       }
-    }
+      for (int h = 0; h < G; ++h) {
+        const B pv = block_weights(dots[h], nb, mh[h], lh[h], alpha[h],
+                                   [&](B sc) { return Scores::apply(a, sc, t0, hk * G + h, kn); });
+        pv.store_aligned(p[h]);
+        lh[h] = lh[h] + pv;
+      }
+      for_each_tile<kHeadTile>(
+          G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha); });
+    });
     for (int i = 0; i < NG; ++i) {
       a.m[i] = m[i];
       a.l[i] = xsimd::hadd(lsum[i]);
