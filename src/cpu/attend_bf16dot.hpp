@@ -43,11 +43,13 @@ struct Bf16DotAttend {
   template <int HT>
   HATTN_TARGET_BF16 static void score_tile(const __m512i* qb, const std::byte* const* k,
                                            std::ptrdiff_t koff, int t0, int nb, int h0,
-                                           float (*dots)[W][W]) noexcept {
+                                           float (*dots)[W][W],
+                                           const typename Simd::Ahead& ahead) noexcept {
     __m512i qr[HT][kChunks];
     for (int h = 0; h < HT; ++h)
       for (int c = 0; c < kChunks; ++c) qr[h][c] = qb[(h0 + h) * kChunks + c];
     for (int t = 0; t < nb; ++t) {
+      if (h0 == 0) ahead.k_row(t);
       const std::byte* row = k[t0 + t] + koff;
       __m512 acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = _mm512_setzero_ps();
@@ -61,19 +63,19 @@ struct Bf16DotAttend {
   }
 
   HATTN_TARGET_BF16 static void scores(const __m512i* qb, int G, const std::byte* const* k,
-                                       std::ptrdiff_t koff, int t0, int nb,
-                                       float (*dots)[W][W]) noexcept {
+                                       std::ptrdiff_t koff, int t0, int nb, float (*dots)[W][W],
+                                       const typename Simd::Ahead& ahead) noexcept {
     int h0 = 0;
     for (; h0 + kScoreTile <= G; h0 += kScoreTile)
-      score_tile<kScoreTile>(qb, k, koff, t0, nb, h0, dots);
-    for (; h0 < G; ++h0) score_tile<1>(qb, k, koff, t0, nb, h0, dots);
+      score_tile<kScoreTile>(qb, k, koff, t0, nb, h0, dots, ahead);
+    for (; h0 < G; ++h0) score_tile<1>(qb, k, koff, t0, nb, h0, dots, ahead);
   }
 
   template <int HT>
   HATTN_TARGET_BF16 static void value_tile(float* acc_mem, const std::byte* const* v,
                                            std::ptrdiff_t voff, int t0, int nb, int h0,
-                                           const std::uint16_t (*pb)[W],
-                                           const float* alpha) noexcept {
+                                           const std::uint16_t (*pb)[W], const float* alpha,
+                                           const typename Simd::Ahead& ahead) noexcept {
     for (int c0 = 0; c0 < kChunks; c0 += kSliceChunks) {
       __m512 acc[HT][kSliceChunks][2];
       for (int h = 0; h < HT; ++h) {
@@ -84,6 +86,10 @@ struct Bf16DotAttend {
                 _mm512_mul_ps(_mm512_load_ps(acc_mem + (h0 + h) * D + (c0 + c) * 32 + j * 16), al);
       }
       for (int t = 0; t < nb; t += 2) {
+        if (h0 == 0 && c0 == 0) {
+          ahead.v_row(t);
+          ahead.v_row(t + 1);
+        }
         const std::byte* ra = v[t0 + t] + voff;
         // An odd tail pairs the last row with itself under weight 0.
         const std::byte* rb = t + 1 < nb ? v[t0 + t + 1] + voff : ra;
@@ -113,11 +119,12 @@ struct Bf16DotAttend {
 
   HATTN_TARGET_BF16 static void values(float* acc_mem, int G, const std::byte* const* v,
                                        std::ptrdiff_t voff, int t0, int nb,
-                                       const std::uint16_t (*pb)[W], const float* alpha) noexcept {
+                                       const std::uint16_t (*pb)[W], const float* alpha,
+                                       const typename Simd::Ahead& ahead) noexcept {
     int h0 = 0;
     for (; h0 + kHeadTile <= G; h0 += kHeadTile)
-      value_tile<kHeadTile>(acc_mem, v, voff, t0, nb, h0, pb, alpha);
-    for (; h0 < G; ++h0) value_tile<1>(acc_mem, v, voff, t0, nb, h0, pb, alpha);
+      value_tile<kHeadTile>(acc_mem, v, voff, t0, nb, h0, pb, alpha, ahead);
+    for (; h0 < G; ++h0) value_tile<1>(acc_mem, v, voff, t0, nb, h0, pb, alpha, ahead);
   }
 
   HATTN_TARGET_BF16 static void run(const AttendArgs& a) noexcept {
@@ -138,29 +145,21 @@ struct Bf16DotAttend {
       m[i] = a.m[i];
       lsum[i] = _mm512_mask_mov_ps(_mm512_setzero_ps(), 1, _mm512_set1_ps(a.l[i]));
     }
-    // The block order of Simd::for_each_block, written out: a lambda would not
-    // inherit this function's target attribute.
-    const int visit = Simd::visit_rows(a);
-    for (int v0 = 0; v0 < a.n; v0 += visit) {
-      const int v1 = a.n - v0 < visit ? a.n : v0 + visit;
-      for (int hk = 0; hk < a.NH; ++hk)
-        for (int t0 = v0; t0 < v1; t0 += W) {
-          const int nb = v1 - t0 < W ? v1 - t0 : W;
-          const bool single = visit == W;
-          if (single) Simd::prefetch_next(a, hk, t0, nb);
-          scores(qb + hk * G * kChunks, G, a.k, hk * a.k_head_stride, t0, nb, dots);
-          float* mh = m + hk * G;
-          Ops::B* lh = lsum + hk * G;
-          for (int h = 0; h < G; ++h) {
-            const __m512 p =
-                Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [](auto s) { return s; });
-            const __m256bh p16 = _mm512_cvtneps_pbh(p);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[h]), (__m256i)p16);
-            // Sum the rounded weights: o is then an exactly normalized mix.
-            lh[h] = lh[h] + Ops::B(_mm512_cvtpbh_ps(p16));
-          }
-          values(a.acc + hk * G * D, G, a.v, hk * a.v_head_stride, t0, nb, pb, alpha);
-        }
+    typename Simd::Block blk;
+    for (typename Simd::Walk w(a, true); w.next(blk);) {
+      const int hk = blk.hk, t0 = blk.t0, nb = blk.nb;
+      scores(qb + hk * G * kChunks, G, a.k, hk * a.k_head_stride, t0, nb, dots, blk.ahead);
+      float* mh = m + hk * G;
+      Ops::B* lh = lsum + hk * G;
+      for (int h = 0; h < G; ++h) {
+        const __m512 p =
+            Simd::block_weights(dots[h], nb, mh[h], lh[h], alpha[h], [](auto s) { return s; });
+        const __m256bh p16 = _mm512_cvtneps_pbh(p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb[h]), (__m256i)p16);
+        // Sum the rounded weights: o is then an exactly normalized mix.
+        lh[h] = lh[h] + Ops::B(_mm512_cvtpbh_ps(p16));
+      }
+      values(a.acc + hk * G * D, G, a.v, hk * a.v_head_stride, t0, nb, pb, alpha, blk.ahead);
     }
     for (int i = 0; i < NG; ++i) {
       a.m[i] = m[i];

@@ -18,6 +18,10 @@
 
 #include <xsimd/xsimd.hpp>
 
+#ifndef HATTN_AHEAD_BLOCKS
+#define HATTN_AHEAD_BLOCKS 2
+#endif
+
 #include <immintrin.h>
 
 #include <cmath>
@@ -27,6 +31,7 @@
 #include <type_traits>
 
 #include "cpu/attend.hpp"
+#include "cpu/prefetch.hpp"
 
 namespace hattn::cpu::detail {
 
@@ -172,36 +177,98 @@ struct SimdAttend {
   static void prefetch_head(const AttendArgs& a, int hk, int from, int to) noexcept {
     for (int r = from; r < to; ++r)
       for (int c = 0; c < kLinesPerRow; ++c) {
-        __builtin_prefetch(a.k[r] + hk * a.k_head_stride + 64 * c, 0, 3);
-        __builtin_prefetch(a.v[r] + hk * a.v_head_stride + 64 * c, 0, 3);
+        prefetch_l1(a.k[r] + hk * a.k_head_stride + 64 * c);
+        prefetch_l1(a.v[r] + hk * a.v_head_stride + 64 * c);
       }
   }
 
-  // Before KV head hk of the block at t0 (nb rows) is computed: prefetch the
-  // rows that come next, head hk + 1 of this block or head 0 of the next.
-  static void prefetch_next(const AttendArgs& a, int hk, int t0, int nb) noexcept {
-    if (hk + 1 < a.NH)
-      prefetch_head(a, hk + 1, t0, t0 + nb);
-    else if (t0 + W < a.n)
-      prefetch_head(a, 0, t0 + W, a.n - t0 - W < W ? a.n : t0 + 2 * W);
-  }
+  // Blocks the streamed rows are prefetched ahead, in walk order (about
+  // 8 KiB of K and 8 KiB of V at 16 rows x 4 lines).
+  static constexpr int kAheadBlocks = HATTN_AHEAD_BLOCKS;
 
-  // f(hk, t0, nb, single) for every block [t0, t0 + nb) of W rows and KV head
-  // hk, in the order the rows are read: per visit of a.visit rows (one block
-  // when a.visit <= W), head by head, each head's blocks in order. single:
-  // visits are one block (the next head's rows are then worth prefetching).
-  // Each head sees its blocks in row order whatever the visit, so results do
-  // not depend on it.
-  static int visit_rows(const AttendArgs& a) noexcept { return a.visit > W ? a.visit / W * W : W; }
-  template <class F>
-  static void for_each_block(const AttendArgs& a, F&& f) noexcept {
-    const int visit = visit_rows(a);
-    for (int v0 = 0; v0 < a.n; v0 += visit) {
-      const int v1 = a.n - v0 < visit ? a.n : v0 + visit;
-      for (int hk = 0; hk < a.NH; ++hk)
-        for (int t0 = v0; t0 < v1; t0 += W) f(hk, t0, v1 - t0 < W ? v1 - t0 : W, visit == W);
+  // The rows of a block kAheadBlocks ahead in walk order. The kernel
+  // prefetches one of its rows towards L2 (prefetcht1) per row it computes,
+  // so the requests are spread out and leave the L1's miss buffers to the
+  // rows in use and to the per-head q and accumulators. (On Zen 4, a burst of
+  // prefetches to L1 halved a stream's rate, and without prefetches the
+  // hardware prefetchers fell behind whenever the state missed L1:
+  // docs/cpu-dense.md.)
+  struct Ahead {
+    const std::byte* const* k = nullptr;  // row pointers of the block's rows
+    const std::byte* const* v = nullptr;
+    std::ptrdiff_t koff = 0, voff = 0;  // byte offset of the block's KV head
+    int nb = 0;                         // rows; 0: nothing to prefetch
+    void k_row(int t) const noexcept {
+      if (t < nb)
+        for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(k[t] + koff + 64 * c);
     }
-  }
+    void v_row(int t) const noexcept {
+      if (t < nb)
+        for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(v[t] + voff + 64 * c);
+    }
+  };
+
+  // Rows of one KV head walked before the next head (see AttendArgs::visit).
+  static int visit_rows(const AttendArgs& a) noexcept { return a.visit > W ? a.visit / W * W : W; }
+
+  // One block: rows [t0, t0 + nb) of KV head hk, and what to prefetch.
+  struct Block {
+    int hk = 0, t0 = 0, nb = 0;
+    Ahead ahead;
+  };
+
+  // The blocks of a call in the order their rows are read: per visit of
+  // visit_rows(a) rows, head by head, each head's blocks in row order. Each
+  // head sees its blocks in row order whatever the visit, so results do not
+  // depend on it. A loop (`for (Walk w(a, pf); w.next(b);)`) rather than a
+  // callback, so target-attributed kernels can use it.
+  class Walk {
+   public:
+    Walk(const AttendArgs& a, bool prefetch) noexcept : a_(a), visit_(visit_rows(a)) {
+      cur_ = {0, a.n < visit_ ? a.n : visit_, 0, 0, a.n <= 0 || a.NH <= 0};
+      ahead_ = cur_;
+      ahead_.done = ahead_.done || !prefetch;
+      for (int i = 0; i < kAheadBlocks && !ahead_.done; ++i) step(ahead_);
+    }
+    bool next(Block& b) noexcept {
+      if (cur_.done) return false;
+      b.hk = cur_.hk;
+      b.t0 = cur_.t0;
+      b.nb = cur_.v1 - cur_.t0 < W ? cur_.v1 - cur_.t0 : W;
+      b.ahead = {};
+      if (!ahead_.done) {
+        b.ahead = {a_.k + ahead_.t0, a_.v + ahead_.t0, ahead_.hk * a_.k_head_stride,
+                   ahead_.hk * a_.v_head_stride,
+                   ahead_.v1 - ahead_.t0 < W ? ahead_.v1 - ahead_.t0 : W};
+        step(ahead_);
+      }
+      step(cur_);
+      return true;
+    }
+
+   private:
+    struct Pos {
+      int v0, v1, hk, t0;  // visit [v0, v1), head, block start
+      bool done;
+    };
+    void step(Pos& p) const noexcept {
+      if (p.t0 + W < p.v1) {
+        p.t0 += W;
+      } else if (p.hk + 1 < a_.NH) {
+        ++p.hk;
+        p.t0 = p.v0;
+      } else {
+        p.v0 = p.v1;
+        p.v1 = a_.n - p.v0 < visit_ ? a_.n : p.v0 + visit_;
+        p.hk = 0;
+        p.t0 = p.v0;
+        p.done = p.v0 >= a_.n;
+      }
+    }
+    const AttendArgs& a_;
+    int visit_;
+    Pos cur_{}, ahead_{};
+  };
 
   // Online softmax in base 2 for one query head and block: reduces the W
   // dot-product vectors (nb valid) to scores, raises the running max m
@@ -241,7 +308,7 @@ struct SimdAttend {
   // holds the W-lane partial products of row t, reduced later.
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W],
-                         float (*ndots)[W]) noexcept {
+                         float (*ndots)[W], const Ahead& ahead) noexcept {
     const float* q = hd.q + h0 * D;
     // With 32 registers the tile's query rows are loaded once, not per row.
     constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
@@ -261,10 +328,11 @@ struct SimdAttend {
       if constexpr (Scores::kRowPrefetch)
         if (h0 == 0 && t0 + t + kAheadRows < hd.n) {
           for (int c = 0; c < kLinesPerRow; ++c) {
-            __builtin_prefetch(hd.k[t0 + t + kAheadRows] + hd.koff + 64 * c, 0, 2);
-            __builtin_prefetch(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c, 0, 2);
+            prefetch_l2(hd.k[t0 + t + kAheadRows] + hd.koff + 64 * c);
+            prefetch_l2(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c);
           }
         }
+      if (h0 == 0) ahead.k_row(t);
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
       // |k - mu|^2 in W lanes, once per row (the first tile).
@@ -295,7 +363,7 @@ struct SimdAttend {
   // in registers while the block's V rows stream by.
   template <int HT>
   static void value_tile(const Head& hd, int t0, int nb, int h0, const float (*p)[W],
-                         const float* alpha) noexcept {
+                         const float* alpha, const Ahead& ahead) noexcept {
     for (int s0 = 0; s0 < kNV; s0 += kSlice) {
       B acc[HT][kSlice];
       for (int h = 0; h < HT; ++h) {
@@ -304,6 +372,7 @@ struct SimdAttend {
           acc[h][j] = B::load_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W) * al;
       }
       for (int t = 0; t < nb; ++t) {
+        if (h0 == 0 && s0 == 0) ahead.v_row(t);
         B vv[kSlice];
         for (int j = 0; j < kSlice; j += Load::kVecs)
           Load::load(hd.v[t0 + t] + hd.voff, (s0 + j) / Load::kVecs, vv + j);
@@ -349,15 +418,16 @@ struct SimdAttend {
       lsum[i] = B::load_aligned(l0);
     }
 
-    for_each_block(a, [&](int hk, int t0, int nb, bool single) {
-      if constexpr (!Scores::kRowPrefetch)
-        if (single) prefetch_next(a, hk, t0, nb);
+    Block blk;
+    for (Walk w(a, !Scores::kRowPrefetch); w.next(blk);) {
+      const int hk = blk.hk, t0 = blk.t0, nb = blk.nb;
       const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,   a.k, a.v,
                     hk * a.k_head_stride, hk * a.v_head_stride, a.n, Scores::key_mean(a)};
       float* mh = m + hk * G;
       B* lh = lsum + hk * G;
-      for_each_tile<kScoreTile>(
-          G, [&](auto ht, int h0) { score_tile<ht.value>(hd, t0, nb, h0, dots, ndots); });
+      for_each_tile<kScoreTile>(G, [&](auto ht, int h0) {
+        score_tile<ht.value>(hd, t0, nb, h0, dots, ndots, blk.ahead);
+      });
       B kn(0.0f);
       if constexpr (Scores::kKeyNorm) {
         B rows[W];
@@ -371,8 +441,8 @@ struct SimdAttend {
         lh[h] = lh[h] + pv;
       }
       for_each_tile<kHeadTile>(
-          G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha); });
-    });
+          G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha, blk.ahead); });
+    }
     for (int i = 0; i < NG; ++i) {
       a.m[i] = m[i];
       a.l[i] = xsimd::hadd(lsum[i]);

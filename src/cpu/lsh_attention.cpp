@@ -12,6 +12,7 @@
 
 #include "cpu/attend.hpp"
 #include "cpu/lsh_kernels.hpp"
+#include "cpu/prefetch.hpp"
 #include "hattn/core/merge.hpp"
 #include "hattn/core/supported.hpp"
 #include "hattn/detail/kv_rows.hpp"
@@ -476,16 +477,16 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
     }
   auto bounds = [&](std::int32_t k) { return bptr[k]; };
   std::uint32_t* range = sc.ranges.data();  // [n][2]
-  for (std::int32_t k = 0; k < std::min(n, kBounds); ++k) __builtin_prefetch(bounds(k));
+  for (std::int32_t k = 0; k < std::min(n, kBounds); ++k) detail::prefetch_l1(bounds(k));
   for (std::int32_t k = 0; k < n + kPositions; ++k) {
-    if (k + kBounds < n) __builtin_prefetch(bounds(k + kBounds));
+    if (k + kBounds < n) detail::prefetch_l1(bounds(k + kBounds));
     if (k < n) {
       const std::uint32_t* o = bounds(k);
       range[2 * k] = o[0];
       range[2 * k + 1] = o[1];
       const auto* first = reinterpret_cast<const char*>(static_cast<const Idx*>(pbase[k]) + o[0]);
       const auto* last = reinterpret_cast<const char*>(static_cast<const Idx*>(pbase[k]) + o[1]);
-      for (const char* c = first; c < last && c < first + 512; c += 64) __builtin_prefetch(c);
+      for (const char* c = first; c < last && c < first + 512; c += 64) detail::prefetch_l1(c);
     }
     const std::int32_t j = k - kPositions;
     if (j >= 0) {
