@@ -37,7 +37,7 @@ struct AttendArgs {
   // the next block). When a head's rows are contiguous for a whole page (HND
   // pages of 32 or more tokens), a visit of one page reads one run of memory
   // and loads the head's q and accumulators once per page instead of once
-  // per block (docs/cpu-dense.md, "the per-head state").
+  // per block (docs/cpu-dense.md, "Why compute and memory added up").
   std::int32_t visit = 0;
 };
 
