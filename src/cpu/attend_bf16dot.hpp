@@ -43,13 +43,13 @@ struct Bf16DotAttend {
   template <int HT>
   HATTN_TARGET_BF16 static void score_tile(const __m512i* qb, const std::byte* const* k,
                                            std::ptrdiff_t koff, int t0, int nb, int h0,
-                                           float (*dots)[W][W],
-                                           const typename Simd::Ahead& ahead) noexcept {
+                                           float (*dots)[W][W], const typename Simd::Ahead& ahead,
+                                           int part, int parts) noexcept {
     __m512i qr[HT][kChunks];
     for (int h = 0; h < HT; ++h)
       for (int c = 0; c < kChunks; ++c) qr[h][c] = qb[(h0 + h) * kChunks + c];
     for (int t = 0; t < nb; ++t) {
-      if (h0 == 0) ahead.k_row(t);
+      ahead.k_lines(t, part, parts);
       const std::byte* row = k[t0 + t] + koff;
       __m512 acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = _mm512_setzero_ps();
@@ -65,18 +65,22 @@ struct Bf16DotAttend {
   HATTN_TARGET_BF16 static void scores(const __m512i* qb, int G, const std::byte* const* k,
                                        std::ptrdiff_t koff, int t0, int nb, float (*dots)[W][W],
                                        const typename Simd::Ahead& ahead) noexcept {
-    int h0 = 0;
+    // Passes over the rows: the ahead block's lines are split among them.
+    const int parts = G / kScoreTile + G % kScoreTile;
+    int h0 = 0, part = 0;
     for (; h0 + kScoreTile <= G; h0 += kScoreTile)
-      score_tile<kScoreTile>(qb, k, koff, t0, nb, h0, dots, ahead);
-    for (; h0 < G; ++h0) score_tile<1>(qb, k, koff, t0, nb, h0, dots, ahead);
+      score_tile<kScoreTile>(qb, k, koff, t0, nb, h0, dots, ahead, part++, parts);
+    for (; h0 < G; ++h0) score_tile<1>(qb, k, koff, t0, nb, h0, dots, ahead, part++, parts);
   }
 
   template <int HT>
   HATTN_TARGET_BF16 static void value_tile(float* acc_mem, const std::byte* const* v,
                                            std::ptrdiff_t voff, int t0, int nb, int h0,
                                            const std::uint16_t (*pb)[W], const float* alpha,
-                                           const typename Simd::Ahead& ahead) noexcept {
+                                           const typename Simd::Ahead& ahead, int tile,
+                                           int parts) noexcept {
     for (int c0 = 0; c0 < kChunks; c0 += kSliceChunks) {
+      const int part = tile * (kChunks / kSliceChunks) + c0 / kSliceChunks;
       __m512 acc[HT][kSliceChunks][2];
       for (int h = 0; h < HT; ++h) {
         const __m512 al = _mm512_set1_ps(alpha[h0 + h]);
@@ -86,10 +90,8 @@ struct Bf16DotAttend {
                 _mm512_mul_ps(_mm512_load_ps(acc_mem + (h0 + h) * D + (c0 + c) * 32 + j * 16), al);
       }
       for (int t = 0; t < nb; t += 2) {
-        if (h0 == 0 && c0 == 0) {
-          ahead.v_row(t);
-          ahead.v_row(t + 1);
-        }
+        ahead.v_lines(t, part, parts);
+        ahead.v_lines(t + 1, part, parts);
         const std::byte* ra = v[t0 + t] + voff;
         // An odd tail pairs the last row with itself under weight 0.
         const std::byte* rb = t + 1 < nb ? v[t0 + t + 1] + voff : ra;
@@ -121,10 +123,12 @@ struct Bf16DotAttend {
                                        std::ptrdiff_t voff, int t0, int nb,
                                        const std::uint16_t (*pb)[W], const float* alpha,
                                        const typename Simd::Ahead& ahead) noexcept {
-    int h0 = 0;
+    const int tiles = G / kHeadTile + G % kHeadTile, parts = tiles * (kChunks / kSliceChunks);
+    int h0 = 0, tile = 0;
     for (; h0 + kHeadTile <= G; h0 += kHeadTile)
-      value_tile<kHeadTile>(acc_mem, v, voff, t0, nb, h0, pb, alpha, ahead);
-    for (; h0 < G; ++h0) value_tile<1>(acc_mem, v, voff, t0, nb, h0, pb, alpha, ahead);
+      value_tile<kHeadTile>(acc_mem, v, voff, t0, nb, h0, pb, alpha, ahead, tile++, parts);
+    for (; h0 < G; ++h0)
+      value_tile<1>(acc_mem, v, voff, t0, nb, h0, pb, alpha, ahead, tile++, parts);
   }
 
   HATTN_TARGET_BF16 static void run(const AttendArgs& a) noexcept {

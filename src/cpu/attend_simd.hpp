@@ -187,25 +187,30 @@ struct SimdAttend {
   // noise.)
   static constexpr int kAheadBlocks = 2;
 
-  // The rows of a block kAheadBlocks ahead in walk order. The kernel
-  // prefetches one of its rows towards L2 (prefetcht1) per row it computes,
-  // so the requests are spread out and leave the L1's miss buffers to the
-  // rows in use and to the per-head q and accumulators. (On Zen 4, a burst of
-  // prefetches to L1 halved a stream's rate, and without prefetches the
-  // hardware prefetchers fell behind whenever the state missed L1:
-  // docs/cpu-dense.md.)
+  // The rows of a block kAheadBlocks ahead in walk order, prefetched towards
+  // L2 (prefetcht1) while this block is computed: row t's lines while row t
+  // is, and split between the passes over the row (query-head tiles, slices
+  // of the head dim), so the requests are spread out. They then leave the
+  // L1's miss buffers to the rows in use and to the per-head q and
+  // accumulators. (On Zen 4 a burst of prefetches to L1 halved a stream's
+  // rate; without prefetches the hardware prefetchers fell behind whenever
+  // the state missed L1; splitting f32 rows' 8 lines over two passes took one
+  // thread from 14.1 to 19.1 GB/s: docs/cpu-dense.md.)
   struct Ahead {
     const std::byte* const* k = nullptr;  // row pointers of the block's rows
     const std::byte* const* v = nullptr;
     std::ptrdiff_t koff = 0, voff = 0;  // byte offset of the block's KV head
     int nb = 0;                         // rows; 0: nothing to prefetch
-    void k_row(int t) const noexcept {
-      if (t < nb)
-        for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(k[t] + koff + 64 * c);
+    // Lines [part * L / parts, (part + 1) * L / parts) of row t of K (of V).
+    void k_lines(int t, int part, int parts) const noexcept {
+      if (t < nb) lines(k[t] + koff, part, parts);
     }
-    void v_row(int t) const noexcept {
-      if (t < nb)
-        for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(v[t] + voff + 64 * c);
+    void v_lines(int t, int part, int parts) const noexcept {
+      if (t < nb) lines(v[t] + voff, part, parts);
+    }
+    static void lines(const std::byte* row, int part, int parts) noexcept {
+      const int c1 = (part + 1) * kLinesPerRow / parts;
+      for (int c = part * kLinesPerRow / parts; c < c1; ++c) prefetch_l2(row + 64 * c);
     }
   };
 
@@ -307,9 +312,17 @@ struct SimdAttend {
 
   // Scores of rows [t0, t0 + nb) for query heads [h0, h0 + HT): dots[h][t]
   // holds the W-lane partial products of row t, reduced later.
+  // Passes over a block's K rows (score tiles) and V rows (head tiles x
+  // slices of the head dim): the ahead block's lines are split among them.
+  static int score_passes(int G) noexcept { return (G + kScoreTile - 1) / kScoreTile; }
+  static int value_passes(int G) noexcept {
+    return (G + kHeadTile - 1) / kHeadTile * (kNV / kSlice);
+  }
+
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W],
-                         float (*ndots)[W], const Ahead& ahead) noexcept {
+                         float (*ndots)[W], const Ahead& ahead, int G) noexcept {
+    const int part = h0 / kScoreTile, parts = score_passes(G);
     const float* q = hd.q + h0 * D;
     // With 32 registers the tile's query rows are loaded once, not per row.
     constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
@@ -333,7 +346,7 @@ struct SimdAttend {
             prefetch_l2(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c);
           }
         }
-      if (h0 == 0) ahead.k_row(t);
+      ahead.k_lines(t, part, parts);
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
       // |k - mu|^2 in W lanes, once per row (the first tile).
@@ -364,8 +377,10 @@ struct SimdAttend {
   // in registers while the block's V rows stream by.
   template <int HT>
   static void value_tile(const Head& hd, int t0, int nb, int h0, const float (*p)[W],
-                         const float* alpha, const Ahead& ahead) noexcept {
+                         const float* alpha, const Ahead& ahead, int G) noexcept {
+    const int parts = value_passes(G);
     for (int s0 = 0; s0 < kNV; s0 += kSlice) {
+      const int part = h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice;
       B acc[HT][kSlice];
       for (int h = 0; h < HT; ++h) {
         const B al(alpha[h0 + h]);
@@ -373,7 +388,7 @@ struct SimdAttend {
           acc[h][j] = B::load_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W) * al;
       }
       for (int t = 0; t < nb; ++t) {
-        if (h0 == 0 && s0 == 0) ahead.v_row(t);
+        ahead.v_lines(t, part, parts);
         B vv[kSlice];
         for (int j = 0; j < kSlice; j += Load::kVecs)
           Load::load(hd.v[t0 + t] + hd.voff, (s0 + j) / Load::kVecs, vv + j);
@@ -427,7 +442,7 @@ struct SimdAttend {
       float* mh = m + hk * G;
       B* lh = lsum + hk * G;
       for_each_tile<kScoreTile>(G, [&](auto ht, int h0) {
-        score_tile<ht.value>(hd, t0, nb, h0, dots, ndots, blk.ahead);
+        score_tile<ht.value>(hd, t0, nb, h0, dots, ndots, blk.ahead, G);
       });
       B kn(0.0f);
       if constexpr (Scores::kKeyNorm) {
@@ -441,8 +456,9 @@ struct SimdAttend {
         pv.store_aligned(p[h]);
         lh[h] = lh[h] + pv;
       }
-      for_each_tile<kHeadTile>(
-          G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha, blk.ahead); });
+      for_each_tile<kHeadTile>(G, [&](auto ht, int h0) {
+        value_tile<ht.value>(hd, t0, nb, h0, p, alpha, blk.ahead, G);
+      });
     }
     for (int i = 0; i < NG; ++i) {
       a.m[i] = m[i];
