@@ -30,8 +30,9 @@ constexpr std::int64_t kDenseVisit = 64;    // visit of a dense view with contig
 // divides a kernel call), 64 rows of a dense view whose rows are contiguous;
 // otherwise 0: one 16-row block of every head at a time, which reads a
 // 16-token HND page front to back. Chunks start at multiples of it, so visits
-// start at page boundaries. (docs/cpu-dense.md: with 64-token pages one thread
-// read 13.9 GB/s this way against 8.0 block by block.)
+// start at page boundaries. (docs/cpu-dense.md: with 64-token pages, before
+// the kernels prefetched, one thread read 13.9 GB/s this way against 8.0
+// block by block.)
 template <KvView Kv>
 std::int32_t visit_rows(const Kv& kv) noexcept {
   const bool contiguous = kv.k_strides.token == kv.head_dim && kv.v_strides.token == kv.head_dim;
