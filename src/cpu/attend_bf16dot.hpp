@@ -45,11 +45,12 @@ struct Bf16DotAttend {
                                            std::ptrdiff_t koff, int t0, int nb, int h0,
                                            float (*dots)[W][W], const typename Simd::Ahead& ahead,
                                            int part, int parts) noexcept {
+    const typename Simd::Ahead::Span lines = Simd::Ahead::span(part, parts);
     __m512i qr[HT][kChunks];
     for (int h = 0; h < HT; ++h)
       for (int c = 0; c < kChunks; ++c) qr[h][c] = qb[(h0 + h) * kChunks + c];
     for (int t = 0; t < nb; ++t) {
-      ahead.k_lines(t, part, parts);
+      ahead.k_lines(t, lines);
       const std::byte* row = k[t0 + t] + koff;
       __m512 acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = _mm512_setzero_ps();
@@ -80,7 +81,8 @@ struct Bf16DotAttend {
                                            const typename Simd::Ahead& ahead, int tile,
                                            int parts) noexcept {
     for (int c0 = 0; c0 < kChunks; c0 += kSliceChunks) {
-      const int part = tile * (kChunks / kSliceChunks) + c0 / kSliceChunks;
+      const typename Simd::Ahead::Span lines =
+          Simd::Ahead::span(tile * (kChunks / kSliceChunks) + c0 / kSliceChunks, parts);
       __m512 acc[HT][kSliceChunks][2];
       for (int h = 0; h < HT; ++h) {
         const __m512 al = _mm512_set1_ps(alpha[h0 + h]);
@@ -90,8 +92,8 @@ struct Bf16DotAttend {
                 _mm512_mul_ps(_mm512_load_ps(acc_mem + (h0 + h) * D + (c0 + c) * 32 + j * 16), al);
       }
       for (int t = 0; t < nb; t += 2) {
-        ahead.v_lines(t, part, parts);
-        ahead.v_lines(t + 1, part, parts);
+        ahead.v_lines(t, lines);
+        ahead.v_lines(t + 1, lines);
         const std::byte* ra = v[t0 + t] + voff;
         // An odd tail pairs the last row with itself under weight 0.
         const std::byte* rb = t + 1 < nb ? v[t0 + t + 1] + voff : ra;

@@ -201,16 +201,21 @@ struct SimdAttend {
     const std::byte* const* v = nullptr;
     std::ptrdiff_t koff = 0, voff = 0;  // byte offset of the block's KV head
     int nb = 0;                         // rows; 0: nothing to prefetch
-    // Lines [part * L / parts, (part + 1) * L / parts) of row t of K (of V).
-    void k_lines(int t, int part, int parts) const noexcept {
-      if (t < nb) lines(k[t] + koff, part, parts);
+    // The lines of a row pass `part` of `parts` prefetches: [c0, c1) of L.
+    struct Span {
+      int c0, c1;
+    };
+    static Span span(int part, int parts) noexcept {
+      return {part * kLinesPerRow / parts, (part + 1) * kLinesPerRow / parts};
     }
-    void v_lines(int t, int part, int parts) const noexcept {
-      if (t < nb) lines(v[t] + voff, part, parts);
+    void k_lines(int t, Span s) const noexcept {
+      if (t < nb) lines(k[t] + koff, s);
     }
-    static void lines(const std::byte* row, int part, int parts) noexcept {
-      const int c1 = (part + 1) * kLinesPerRow / parts;
-      for (int c = part * kLinesPerRow / parts; c < c1; ++c) prefetch_l2(row + 64 * c);
+    void v_lines(int t, Span s) const noexcept {
+      if (t < nb) lines(v[t] + voff, s);
+    }
+    static void lines(const std::byte* row, Span s) noexcept {
+      for (int c = s.c0; c < s.c1; ++c) prefetch_l2(row + 64 * c);
     }
   };
 
@@ -322,7 +327,7 @@ struct SimdAttend {
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W],
                          float (*ndots)[W], const Ahead& ahead, int G) noexcept {
-    const int part = h0 / kScoreTile, parts = score_passes(G);
+    const typename Ahead::Span lines = Ahead::span(h0 / kScoreTile, score_passes(G));
     const float* q = hd.q + h0 * D;
     // With 32 registers the tile's query rows are loaded once, not per row.
     constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
@@ -346,7 +351,7 @@ struct SimdAttend {
             prefetch_l2(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c);
           }
         }
-      ahead.k_lines(t, part, parts);
+      ahead.k_lines(t, lines);
       B acc[HT];
       for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
       // |k - mu|^2 in W lanes, once per row (the first tile).
@@ -380,7 +385,8 @@ struct SimdAttend {
                          const float* alpha, const Ahead& ahead, int G) noexcept {
     const int parts = value_passes(G);
     for (int s0 = 0; s0 < kNV; s0 += kSlice) {
-      const int part = h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice;
+      const typename Ahead::Span lines =
+          Ahead::span(h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice, parts);
       B acc[HT][kSlice];
       for (int h = 0; h < HT; ++h) {
         const B al(alpha[h0 + h]);
@@ -388,7 +394,7 @@ struct SimdAttend {
           acc[h][j] = B::load_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W) * al;
       }
       for (int t = 0; t < nb; ++t) {
-        ahead.v_lines(t, part, parts);
+        ahead.v_lines(t, lines);
         B vv[kSlice];
         for (int j = 0; j < kSlice; j += Load::kVecs)
           Load::load(hd.v[t0 + t] + hd.voff, (s0 + j) / Load::kVecs, vv + j);
