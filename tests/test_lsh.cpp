@@ -176,6 +176,29 @@ TEST_CASE("lsh check 1: hash codes equal the SimHash definition (keys and querie
   }
 }
 
+TEST_CASE("simhash: sign bits computed in parts of the planes equal hash()", "[lsh]") {
+  auto rng = make_rng("simhash-parts");
+  for (CpuIsa isa : available_isas()) {
+    for (auto [K, L, D] : {std::tuple{10, 150, 128}, {3, 7, 64}, {16, 9, 256}}) {
+      SimHash sh(D, K, L, rng(), isa);
+      const std::int64_t rows = 11;  // register blocks of 4 and a remainder
+      const std::vector<float> x = normals(rng, static_cast<std::size_t>(rows) * D);
+      std::vector<std::uint16_t> want(static_cast<std::size_t>(rows) * L);
+      sh.hash(x.data(), rows, D, want.data());
+      const std::int32_t words = sh.words();
+      CHECK(words == (K * L + 63) / 64);
+      std::vector<std::uint64_t> bits(static_cast<std::size_t>(rows) * words,
+                                      0x5a5a5a5a5a5a5a5aull);
+      for (std::int32_t w0 = 0; w0 < words; w0 += 2)  // parts of 2 words, last one shorter
+        sh.sign_bits(x.data(), rows, D, w0, std::min(words, w0 + 2), bits.data());
+      std::vector<std::uint16_t> got(want.size());
+      sh.codes(bits.data(), rows, got.data());
+      INFO("isa " << to_string(isa) << " K" << K << " L" << L << " D" << D << " " << seed_note());
+      CHECK(got == want);
+    }
+  }
+}
+
 TEST_CASE("lsh check 2: collision rate at fixed cosine matches u (Monte Carlo, 4 sigma)", "[lsh]") {
   auto rng = make_rng("lsh-check2");
   constexpr std::int32_t D = 64;
@@ -288,13 +311,15 @@ TEST_CASE("lsh check 4: each table is a permutation bucketed by the key codes", 
 
 TEST_CASE("lsh check 3: retrieval returns exactly the brute-force set", "[lsh]") {
   auto rng = make_rng("lsh-check3");
-  // m = 1 and m = 3 too: m <= 2 counts in bitsets, m >= 3 in epoch counters.
+  // Other m too: m <= 8 counts in thermometer bytes (m = 8 their last bit),
+  // m >= 9 in epoch-stamped counters.
   auto with_m = [](LshConfig c, std::int32_t m) {
     c.min_collisions = m;
     return c;
   };
   for (auto cfg : {config(10, 150), config(6, 20), config(8, 75), with_m(config(6, 20), 1),
-                   with_m(config(6, 20), 3), with_m(config(8, 75), 4)}) {
+                   with_m(config(6, 20), 3), with_m(config(8, 75), 4), with_m(config(4, 20), 8),
+                   with_m(config(4, 20), 9)}) {
     // GQA 4, three sequences of uneven length, one shorter than sink + window.
     const std::vector<std::int64_t> lens{1777, 40, 3001};
     LshLayer layer = make_layer(cfg, 8, 2, 64, DType::kF16, lens, rng);
@@ -401,17 +426,20 @@ TEST_CASE("lsh: decode equals the double reference on every ISA, dtype and head 
       }
     }
   }
-  // Pages that are not a power of two (row addresses by division) and m = 3
-  // (epoch-stamped counters), both gathers.
-  for (LshConfig::Gather gather : {LshConfig::Gather::kPerHead, LshConfig::Gather::kUnion}) {
-    LshConfig cfg = config(5, 24);
-    cfg.min_collisions = 3;
+  // Pages that are not a power of two (row addresses by division), m = 3
+  // (thermometer bytes) and m = 9 (epoch-stamped counters), both gathers.
+  for (auto [m, gather] : {std::pair{3, LshConfig::Gather::kPerHead},
+                           {3, LshConfig::Gather::kUnion},
+                           {9, LshConfig::Gather::kPerHead},
+                           {9, LshConfig::Gather::kUnion}}) {
+    LshConfig cfg = config(m == 3 ? 5 : 3, 24);
+    cfg.min_collisions = m;
     cfg.max_exact_tail = 100;
     cfg.gather = gather;
     LshLayer layer =
         make_layer(cfg, 8, 2, 128, DType::kBF16, {900, 50, 1300}, rng, cpu_isa_default(), 0.5f, 12);
     for (bool merged : {true, false}) {
-      const std::string what = std::string("page 12, m 3, gather ") +
+      const std::string what = std::string("page 12, m ") + std::to_string(m) + ", gather " +
                                std::to_string(static_cast<int>(gather)) +
                                (merged ? " merged " : " sampled ") + seed_note();
       check_decode_against_reference(layer, rng, merged, DType::kF32, DType::kF32,

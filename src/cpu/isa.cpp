@@ -8,13 +8,15 @@ namespace hattn {
 CpuIsa cpu_isa_supported() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  // AVX-512 kernels use F, BW, VL and DQ; AVX2 kernels use FMA and F16C.
+  // AVX-512 kernels use F, BW, VL and DQ; AVX2 kernels use FMA and F16C;
+  // both use POPCNT and BMI1 (every CPU with AVX2 has them).
+  const bool bits = __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") && bits)
     return CpuIsa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
+      __builtin_cpu_supports("f16c") && bits)
     return CpuIsa::kAvx2;
 #endif
   return CpuIsa::kScalar;

@@ -3,6 +3,7 @@
 #include <tbb/task_arena.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -68,16 +69,23 @@ struct Aligned64 {
 
 // Per-thread scratch of decode: collision counters and bitsets, the union of
 // the sampled positions (when listed), row pointers, the bucket walk's
-// pipeline and the item's query and output buffers.
+// bounds and the item's query and output buffers.
 struct Scratch {
-  std::vector<std::uint16_t> counters;  // [16][cap]: epoch << 8 | count (m >= 3 only)
-  // Per head g < 16, bitsets over the indexed positions: seen (at least one
-  // collision) and sampled (at least m).
-  std::vector<std::uint64_t> seen, hits;
+  // Per head g < 16, collision counts over the indexed positions: one byte
+  // each as a thermometer code for m <= 8 (detail::ScanFn), [16][64 words];
+  // else epoch << 8 | count in 16 bits, [16][cap].
+  std::vector<std::uint8_t, Aligned64<std::uint8_t>> marks;
+  std::vector<std::uint16_t> counters;
+  // Per head g < 16, the sampled positions (at least m collisions) as a bitset.
+  std::vector<std::uint64_t> hits;
   // From build_union(): the union over the pass's heads, ascending, and per
   // position a mask with bit g set when head g sampled it.
   std::vector<std::uint32_t> sampled;
   std::vector<std::uint16_t> umask;
+  // With one head per pass, retrieve() also lists its sampled positions,
+  // ascending (room for n + 64), when the counting allows (nlisted >= 0).
+  std::vector<std::uint32_t> listed;
+  std::int32_t nlisted = -1;
   std::vector<const std::byte*> krows, vrows;
   std::vector<std::uint16_t> qcodes;         // [16][L]
   std::vector<std::uint32_t> ranges;         // [16 L][2]: bucket bounds of a walk
@@ -91,7 +99,7 @@ struct Scratch {
   std::uint16_t epoch = 0;
 
   // Room for n indexed positions, exact_rows exact rows, head dim D, L tables
-  // and the collision threshold m (counters only for m >= 3).
+  // and the collision threshold m.
   void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L,
                std::int32_t m) {
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
@@ -106,14 +114,19 @@ struct Scratch {
     }
     if (n > cap) {
       const std::size_t words = static_cast<std::size_t>((n + 63) / 64);
-      seen.assign(kMaxGroupPerPass * words, 0);
       hits.assign(kMaxGroupPerPass * words, 0);
+      marks.clear();  // regrown below, zeroed
+      counters.clear();
       sampled.reserve(static_cast<std::size_t>(n));
+      listed.resize(static_cast<std::size_t>(n) + 64);
       umask.reserve(static_cast<std::size_t>(n) + detail::kLshPad);
       cap = n;
     }
-    // Counters are indexed [g][cap].
-    const auto need_counters = static_cast<std::size_t>(m >= 3 ? kMaxGroupPerPass * cap : 0);
+    const bool thermometer = m <= detail::kMaxThermometer;
+    const auto need_marks =
+        static_cast<std::size_t>(thermometer ? kMaxGroupPerPass * ((cap + 63) / 64 * 64) : 0);
+    if (marks.size() < need_marks) marks.assign(need_marks, 0);
+    const auto need_counters = static_cast<std::size_t>(thermometer ? 0 : kMaxGroupPerPass * cap);
     if (counters.size() < need_counters) {
       counters.assign(need_counters, 0);
       epoch = 0;
@@ -153,10 +166,13 @@ struct LshAttention::Impl {
   HostPagePool pool;
   detail::Kernel sampled;  // the dense kernel with the LSH score transform
   detail::Kernel dense;
-  std::vector<float> corr;  // -ln(u + eps) at cos = -1 + 2 i / kCorrIntervals
+  detail::ScanFn scan = nullptr;  // retrieval's thermometer marks to bitsets
+  std::vector<float> corr;        // -ln(u + eps) at cos = -1 + 2 i / kCorrIntervals
   std::vector<std::int32_t> lsh_natural, lsh_q_natural, dense_natural, dense_q_natural;
   std::vector<Scratch> scratch;
-  std::vector<std::uint16_t> step_codes;  // [B][Hq][L]: query codes of a step (shared projection)
+  // A step's queries as f32 and their sign bits (shared projection only).
+  std::vector<float, Aligned64<float>> step_q;  // [B Hq][D]
+  std::vector<std::uint64_t> step_bits;         // [B Hq][words]
 
   explicit Impl(const PagePoolOptions& o) : pool(o) {}
   const SimHash& proj_of(std::int32_t h) const noexcept {
@@ -209,6 +225,7 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
       }
     }
     im.sampled = detail::lsh_kernel_for(a->isa_, s.head_dim, s.kv_dtype);
+    im.scan = detail::lsh_scan_for(a->isa_);
     im.dense = detail::kernel_for(a->isa_, s.head_dim, s.kv_dtype, false);
     if (im.sampled.attend == nullptr || im.dense.attend == nullptr)
       return {StatusCode::kInternal, "LshAttention: no kernel for this configuration"};
@@ -453,18 +470,19 @@ Status LshAttention::rebuild_index(SeqId id, const CpuExecutor& executor) {
 namespace {
 
 // Walks bucket qcodes[g][l] of every main table l for every head g, in the
-// order (g, l), as a software pipeline: the bucket bounds of task k + 16 and
-// the positions of task k + 8 are prefetched while task k is walked, so the
-// ~2 L gp cache misses (bounds, then positions) overlap instead of adding up.
+// order (g, l), in two passes: first every task's bucket bounds are read and
+// the lines of its positions prefetched towards L2, then the buckets are
+// walked. (Measured in TSC Mcycles per bs:1 step at 64K positions, 32 heads:
+// a software pipeline with bounds 16 tasks and positions 8 tasks ahead of the
+// walk spent 2.9-3.1 in all, these two passes 1.8-2.3, 0.6-0.7 of it in the
+// first. The pipeline's prefetches had also started at the first position
+// rather than its line, missing the last line of many buckets.)
 template <class Idx, class Visit>
 void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, std::int32_t gp,
                Scratch& sc, Visit&& hit) {
-  constexpr std::int32_t kBounds = 16, kPositions = 8;
   const std::int32_t n = L * gp;
-  // Task k is (head k / L, table k % L): one head's bitsets stay in L1 while
-  // its L buckets are walked.
-  // Per task: where its bounds are and its table's positions start (no
-  // divisions in the pipeline below).
+  // Task k is (head k / L, table k % L): one head's counts stay in cache
+  // while its L buckets are walked.
   const std::uint32_t** bptr = sc.bounds.data();
   const void** pbase = sc.pbase.data();
   for (std::int32_t g = 0, k = 0; g < gp; ++g)
@@ -474,36 +492,40 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
         pbase[k] = t.positions16(l);
       else
         pbase[k] = t.positions32(l);
+      detail::prefetch_l1(bptr[k]);
     }
-  auto bounds = [&](std::int32_t k) { return bptr[k]; };
   std::uint32_t* range = sc.ranges.data();  // [n][2]
-  for (std::int32_t k = 0; k < std::min(n, kBounds); ++k) detail::prefetch_l1(bounds(k));
-  for (std::int32_t k = 0; k < n + kPositions; ++k) {
-    if (k + kBounds < n) detail::prefetch_l1(bounds(k + kBounds));
-    if (k < n) {
-      const std::uint32_t* o = bounds(k);
-      range[2 * k] = o[0];
-      range[2 * k + 1] = o[1];
-      const auto* first = reinterpret_cast<const char*>(static_cast<const Idx*>(pbase[k]) + o[0]);
-      const auto* last = reinterpret_cast<const char*>(static_cast<const Idx*>(pbase[k]) + o[1]);
-      for (const char* c = first; c < last && c < first + 512; c += 64) detail::prefetch_l1(c);
-    }
-    const std::int32_t j = k - kPositions;
-    if (j >= 0) {
-      const Idx* pos = static_cast<const Idx*>(pbase[j]);
-      hit(j / L, pos + range[2 * j], pos + range[2 * j + 1]);
-    }
+  for (std::int32_t k = 0; k < n; ++k) {
+    const std::uint32_t* o = bptr[k];
+    range[2 * k] = o[0];
+    range[2 * k + 1] = o[1];
+    // Every line of the bucket's positions (up to 512 bytes of them).
+    const Idx* pos = static_cast<const Idx*>(pbase[k]);
+    const auto line0 = reinterpret_cast<std::uintptr_t>(pos + o[0]) & ~std::uintptr_t{63};
+    const auto end = std::min(reinterpret_cast<std::uintptr_t>(pos + o[1]), line0 + 512);
+    for (std::uintptr_t c = line0; c < end; c += 64)
+      detail::prefetch_l2(reinterpret_cast<const void*>(c));
+  }
+  for (std::int32_t k = 0; k < n; ++k) {
+    const Idx* pos = static_cast<const Idx*>(pbase[k]);
+    hit(k / L, pos + range[2 * k], pos + range[2 * k + 1]);
   }
 }
 
 // The positions each of the pass's query heads samples (relative to
 // sink_end), as a bitset per head in sc.hits (build_union() lists their
 // union). A position is sampled by head g when it shares the query's bucket
-// in >= m tables, or always with `all`. For m <= 2 the counting is two bitsets per head (seen,
-// sampled), which stay in L1/L2 for 64K positions: hits[w] |= seen[w] & bit; seen[w] |= bit. Larger
-// m counts in epoch-stamped 16-bit counters (no clearing per step).
+// in >= m tables, or always with `all`. For m <= 8 a head counts in one byte
+// per position, a thermometer code (c = c << 1 | 1: one load and one store
+// per bucket entry, no dependence between the entries of a bucket, which are
+// distinct), and a vector scan turns bit m - 1 of the bytes into the bitset
+// and zeroes them. (Measured against the two bitsets seen/sampled this
+// replaced, hits |= seen & bit; seen |= bit, on one thread with the buckets
+// in cache: 1.4-2.2 against 2.3-3.8 TSC cycles per entry.) Larger m counts
+// in epoch-stamped 16-bit counters (no clearing per step).
 void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::uint16_t* qcodes,
-              std::int32_t L, std::int32_t m, bool all, Scratch& sc) {
+              std::int32_t L, std::int32_t m, bool all, detail::ScanFn scan, Scratch& sc) {
+  sc.nlisted = -1;
   if (n <= 0) return;
   const std::int64_t words = (n + 63) / 64;
   const std::int64_t stride = (sc.cap + 63) / 64;
@@ -514,10 +536,6 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
       if (n % 64 != 0) h[words - 1] = (std::uint64_t{1} << (n % 64)) - 1;
     }
     return;
-  }
-  for (std::int32_t g = 0; g < gp; ++g) {
-    std::fill_n(sc.hits.data() + g * stride, words, std::uint64_t{0});
-    if (m == 2) std::fill_n(sc.seen.data() + g * stride, words, std::uint64_t{0});
   }
   // Every bucket of every (head, table), main then side tables, through
   // bucket(g, first, last): the loop over a bucket keeps the head's arrays
@@ -535,27 +553,21 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
           t.for_each_in_side(l, qcodes[g * L + l], [&](std::uint32_t i) { bucket(g, &i, &i + 1); });
   };
   std::uint64_t* const hits = sc.hits.data();
-  std::uint64_t* const seen = sc.seen.data();
-  if (m == 1) {
+  if (m <= detail::kMaxThermometer) {
+    // The hot loop of retrieval: 64 KiB of marks per head at 64K positions.
+    std::uint8_t* const marks = sc.marks.data();
+    const std::int64_t pitch = stride * 64;
     walk([=](std::int32_t g, const auto* first, const auto* last) {
-      std::uint64_t* __restrict h = hits + g * stride;
-      for (; first < last; ++first) h[*first >> 6] |= std::uint64_t{1} << (*first & 63);
+      std::uint8_t* __restrict c = marks + g * pitch;
+      for (; first < last; ++first) c[*first] = static_cast<std::uint8_t>(c[*first] << 1 | 1u);
     });
-  } else if (m == 2) {
-    // The hot loop of retrieval: the head's two bitsets (16 KiB at 64K
-    // positions) stay in L1.
-    walk([=](std::int32_t g, const auto* first, const auto* last) {
-      std::uint64_t* __restrict h = hits + g * stride;
-      std::uint64_t* __restrict se = seen + g * stride;
-      for (; first < last; ++first) {
-        const std::uint32_t i = *first;
-        const std::uint64_t bit = std::uint64_t{1} << (i & 63);
-        const std::uint64_t s1 = se[i >> 6];
-        h[i >> 6] |= s1 & bit;
-        se[i >> 6] = s1 | bit;
-      }
-    });
+    // With one head the scan also lists its positions (sc.listed).
+    for (std::int32_t g = 0; g < gp; ++g)
+      sc.nlisted = scan(marks + g * pitch, words, m, hits + g * stride,
+                        gp == 1 ? sc.listed.data() : nullptr);
   } else {
+    for (std::int32_t g = 0; g < gp; ++g)
+      std::fill_n(sc.hits.data() + g * stride, words, std::uint64_t{0});
     const std::uint16_t stamp = static_cast<std::uint16_t>(sc.next_epoch() << 8);
     const auto mm = static_cast<std::uint16_t>(m);
     std::uint16_t* const counters = sc.counters.data();
@@ -616,7 +628,7 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
   std::vector<std::uint16_t> codes(static_cast<std::size_t>(config_.L));
   impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
   retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
-           config_.min_collisions, config_.sample_all, sc);
+           config_.min_collisions, config_.sample_all, impl_->scan, sc);
   build_union(s.indexed(), 1, sc);
   out->clear();
   for (std::uint32_t i : sc.sampled) out->push_back(s.sink_end + i);
@@ -683,24 +695,29 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   // With one projection for all heads, the step's queries are hashed together
   // first: the planes are read once per step instead of once per KV head.
   const bool shared = im.proj.size() == 1;
+  const std::int64_t qrows = std::int64_t{B} * Hq;
+  const std::int32_t words = im.proj[0].words();
   if (shared) {
     try {
-      im.step_codes.resize(static_cast<std::size_t>(B) * Hq * L);
+      im.step_q.resize(static_cast<std::size_t>(qrows * D));
+      im.step_bits.resize(static_cast<std::size_t>(qrows * words));
     } catch (const std::bad_alloc&) {
       return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
     }
-    constexpr std::int64_t kRows = 16;
-    const std::int64_t rows = std::int64_t{B} * Hq;
-    executor.parallel_for((rows + kRows - 1) / kRows, [&](std::int64_t c) {
-      alignas(64) float x[kRows * 256];
-      const std::int64_t r0 = c * kRows, nr = std::min(kRows, rows - r0);
-      for (std::int64_t r = 0; r < nr; ++r) {
-        const std::int64_t b = (r0 + r) / Hq, qh = (r0 + r) % Hq;
-        for (std::int32_t d = 0; d < D; ++d)
-          x[r * D + d] =
-              load_as_float(q.data, q.dtype, b * q.stride_batch + qh * q.stride_head + d);
-      }
-      im.proj[0].hash(x, nr, D, im.step_codes.data() + r0 * L);
+    for (std::int64_t r = 0; r < qrows; ++r) {
+      const std::int64_t off = r / Hq * q.stride_batch + r % Hq * q.stride_head;
+      for (std::int32_t d = 0; d < D; ++d)
+        im.step_q[static_cast<std::size_t>(r * D + d)] = load_as_float(q.data, q.dtype, off + d);
+    }
+    // Tasks split the planes, not the rows: each block of 64 planes is read
+    // from memory once per step, by one thread, and all rows are hashed
+    // against it. (Splitting rows had every thread read all the planes:
+    // 786 KB at K10L150, cold after the other layers' traffic.)
+    constexpr std::int32_t kWordsPerTask = 3;
+    executor.parallel_for((words + kWordsPerTask - 1) / kWordsPerTask, [&](std::int64_t c) {
+      const auto w0 = static_cast<std::int32_t>(c) * kWordsPerTask;
+      im.proj[0].sign_bits(im.step_q.data(), qrows, D, w0, std::min(words, w0 + kWordsPerTask),
+                           im.step_bits.data());
     });
   }
 
@@ -741,15 +758,25 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
       const LshTables& tab = s.tables[static_cast<std::size_t>(h)];
       const std::uint16_t* codes = qcodes;
       if (shared)
-        codes = im.step_codes.data() + (std::int64_t{b} * Hq + h * G + g0) * L;
+        im.proj[0].codes(im.step_bits.data() + (std::int64_t{b} * Hq + h * G + g0) * words, gp,
+                         qcodes);
       else
         im.proj_of(h).hash(qf, gp, D, qcodes);
-      retrieve(tab, ni, gp, codes, L, config_.min_collisions, config_.sample_all, sc);
-      // Row pointers of the sampled set: one head's straight from its bitset,
-      // a group's union in ascending order with per-head masks.
+      retrieve(tab, ni, gp, codes, L, config_.min_collisions, config_.sample_all, impl_->scan, sc);
+      // Row pointers of the sampled set: one head's from the list retrieve()
+      // made (or its bitset), a group's union in ascending order with
+      // per-head masks.
       const hattn::detail::PagedRowLocator loc(s.view, 0, h, s.sink_end);
       std::int32_t nu = 0;
-      if (gp == 1) {
+      if (gp == 1 && sc.nlisted >= 0) {
+        const std::uint32_t* listed = sc.listed.data();
+        nu = sc.nlisted;
+        for (std::int32_t j = 0; j < nu; ++j) {
+          const auto rows = loc(listed[j]);
+          sc.krows[j] = rows.k;
+          sc.vrows[j] = rows.v;
+        }
+      } else if (gp == 1) {
         for (std::int64_t w = 0; w < (ni + 63) / 64; ++w)
           for (std::uint64_t bits = sc.hits[w]; bits != 0; bits &= bits - 1, ++nu) {
             const auto rows = loc(w * 64 + __builtin_ctzll(bits));

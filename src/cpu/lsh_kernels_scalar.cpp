@@ -10,14 +10,14 @@ namespace hattn::cpu::detail {
 namespace {
 
 void hash_scalar(const float* x, std::int64_t rows, std::int64_t xs, std::int32_t D,
-                 const float* wt, std::int32_t J, std::uint64_t* bits) noexcept {
-  const std::int32_t words = J / 64;
+                 const float* wt, std::int32_t words, std::int32_t w0, std::int32_t w1,
+                 std::uint64_t* bits) noexcept {
   for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int32_t w = 0; w < words; ++w) {
+    for (std::int32_t w = w0; w < w1; ++w) {
       float acc[64] = {};
       for (std::int32_t d = 0; d < D; ++d) {
         const float xv = x[r * xs + d];
-        const float* p = wt + std::int64_t{d} * J + std::int64_t{w} * 64;
+        const float* p = wt + (std::int64_t{w} * D + d) * 64;
         for (int i = 0; i < 64; ++i) acc[i] += p[i] * xv;
       }
       std::uint64_t m = 0;
@@ -89,8 +89,22 @@ Kernel by_type(DType kv) noexcept {
   return {};
 }
 
+std::int32_t scan_scalar(std::uint8_t* marks, std::int64_t words, std::int32_t m,
+                         std::uint64_t* hits, std::uint32_t* list) noexcept {
+  std::int32_t n = 0;
+  for (std::int64_t w = 0; w < words; ++w) {
+    std::uint64_t h = 0;
+    for (int i = 0; i < 64; ++i) h |= std::uint64_t{(marks[64 * w + i] >> (m - 1)) & 1u} << i;
+    hits[w] = h;
+    std::fill_n(marks + 64 * w, 64, std::uint8_t{0});
+    if (list != nullptr) n = list_word(h, static_cast<std::uint32_t>(w * 64), list, n);
+  }
+  return n;
+}
+
 }  // namespace
 
+ScanFn lsh_scan_scalar() noexcept { return &scan_scalar; }
 HashFn lsh_hash_scalar() noexcept { return &hash_scalar; }
 
 Kernel lsh_kernel_scalar(std::int32_t head_dim, DType kv) noexcept {

@@ -44,24 +44,74 @@ struct SignMask<xsimd::fma3<xsimd::avx2>> {
 #endif
 
 template <class A>
+struct MarkScan;
+
+#if defined(__AVX512BW__)
+template <>
+struct MarkScan<xsimd::avx512f> {
+  static std::int32_t run(std::uint8_t* marks, std::int64_t words, std::int32_t m,
+                          std::uint64_t* hits, std::uint32_t* list) noexcept {
+    const __m512i bit = _mm512_set1_epi8(static_cast<char>(1u << (m - 1)));
+    const __m512i zero = _mm512_setzero_si512();
+    std::int32_t n = 0;
+    for (std::int64_t w = 0; w < words; ++w) {
+      __m512i* p = reinterpret_cast<__m512i*>(marks) + w;
+      const std::uint64_t h = _mm512_test_epi8_mask(_mm512_load_si512(p), bit);
+      _mm512_store_si512(p, zero);
+      hits[w] = h;
+      if (list != nullptr) n = list_word(h, static_cast<std::uint32_t>(w * 64), list, n);
+    }
+    return n;
+  }
+};
+#endif
+
+#if defined(__AVX2__)
+template <>
+struct MarkScan<xsimd::fma3<xsimd::avx2>> {
+  static std::int32_t run(std::uint8_t* marks, std::int64_t words, std::int32_t m,
+                          std::uint64_t* hits, std::uint32_t* list) noexcept {
+    std::int32_t n = 0;
+    // Bit m - 1 of every byte moved to bit 7 (a 16-bit shift moves both bytes
+    // of a lane alike), then one mask bit per byte.
+    const __m128i sh = _mm_cvtsi32_si128(8 - m);
+    const __m256i zero = _mm256_setzero_si256();
+    for (std::int64_t w = 0; w < words; ++w) {
+      __m256i* p = reinterpret_cast<__m256i*>(marks) + 2 * w;
+      const auto lo = static_cast<std::uint32_t>(
+          _mm256_movemask_epi8(_mm256_sll_epi16(_mm256_load_si256(p), sh)));
+      const auto hi = static_cast<std::uint32_t>(
+          _mm256_movemask_epi8(_mm256_sll_epi16(_mm256_load_si256(p + 1), sh)));
+      const std::uint64_t h = std::uint64_t{hi} << 32 | lo;
+      _mm256_store_si256(p, zero);
+      _mm256_store_si256(p + 1, zero);
+      hits[w] = h;
+      if (list != nullptr) n = list_word(h, static_cast<std::uint32_t>(w * 64), list, n);
+    }
+    return n;
+  }
+};
+#endif
+
+template <class A>
 struct LshHash {
   using B = xsimd::batch<float, A>;
   static constexpr int W = static_cast<int>(B::size);
   static constexpr int kNV = 64 / W;             // vectors per 64 planes
   static constexpr int kRows = W == 16 ? 4 : 1;  // rows per register block
 
+  // Rows [0, R) against plane block w (64 planes, D * 64 contiguous floats).
   template <int R>
   static void block(const float* x, std::int64_t xs, std::int32_t D, const float* wt,
-                    std::int32_t J, std::uint64_t* bits) noexcept {
-    const std::int32_t words = J / 64;
-    for (std::int32_t w = 0; w < words; ++w) {
+                    std::int32_t words, std::int32_t w, std::uint64_t* bits) noexcept {
+    {
       B acc[R][kNV];
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < kNV; ++c) acc[r][c] = B(0.0f);
-      const float* wp = wt + std::int64_t{w} * 64;
+      const float* wp = wt + std::int64_t{w} * D * 64;
       for (std::int32_t d = 0; d < D; ++d) {
         B pv[kNV];
-        for (int c = 0; c < kNV; ++c) pv[c] = B::load_unaligned(wp + std::int64_t{d} * J + c * W);
+        for (int c = 0; c < kNV; ++c) pv[c] = B::load_unaligned(wp + std::int64_t{d} * 64 + c * W);
         for (int r = 0; r < R; ++r) {
           const B xb(x[r * xs + d]);
           for (int c = 0; c < kNV; ++c) acc[r][c] = xsimd::fma(pv[c], xb, acc[r][c]);
@@ -75,12 +125,17 @@ struct LshHash {
     }
   }
 
+  // Plane block by plane block (each read from memory once), all rows
+  // against it in register blocks of kRows.
   static void run(const float* x, std::int64_t rows, std::int64_t xs, std::int32_t D,
-                  const float* wt, std::int32_t J, std::uint64_t* bits) noexcept {
-    const std::int32_t words = J / 64;
-    std::int64_t r = 0;
-    for (; r + kRows <= rows; r += kRows) block<kRows>(x + r * xs, xs, D, wt, J, bits + r * words);
-    for (; r < rows; ++r) block<1>(x + r * xs, xs, D, wt, J, bits + r * words);
+                  const float* wt, std::int32_t words, std::int32_t w0, std::int32_t w1,
+                  std::uint64_t* bits) noexcept {
+    for (std::int32_t w = w0; w < w1; ++w) {
+      std::int64_t r = 0;
+      for (; r + kRows <= rows; r += kRows)
+        block<kRows>(x + r * xs, xs, D, wt, words, w, bits + r * words);
+      for (; r < rows; ++r) block<1>(x + r * xs, xs, D, wt, words, w, bits + r * words);
+    }
   }
 };
 

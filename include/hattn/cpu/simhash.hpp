@@ -27,7 +27,7 @@ class SimHash {
 
   // Entry d of hyperplane j (j = l * K + b).
   float plane(std::int32_t j, std::int32_t d) const noexcept {
-    return wt_[static_cast<std::size_t>(d) * padded_ + j];
+    return wt_[(static_cast<std::size_t>(j / 64) * dim_ + d) * 64 + j % 64];
   }
 
   // codes[r * L + l] = code of table l for row r of x ([rows][dim], f32,
@@ -36,13 +36,24 @@ class SimHash {
   void hash(const float* x, std::int64_t rows, std::int64_t x_stride,
             std::uint16_t* codes) const noexcept;
 
+  // hash() in two parts, for callers that split the planes among threads:
+  // sign_bits() sets bits[r * words() + w] (bit i: x_r . plane_(64 w + i) > 0)
+  // for the blocks of 64 planes w in [w0, w1), 0 <= w0 <= w1 <= words(), with
+  // the same arithmetic as hash(); codes() packs all words() of each row.
+  std::int32_t words() const noexcept { return padded_ / 64; }
+  void sign_bits(const float* x, std::int64_t rows, std::int64_t x_stride, std::int32_t w0,
+                 std::int32_t w1, std::uint64_t* bits) const noexcept;
+  void codes(const std::uint64_t* bits, std::int64_t rows, std::uint16_t* codes) const noexcept;
+
   std::size_t bytes() const noexcept { return wt_.size() * sizeof(float); }
 
  private:
   std::int32_t dim_, K_, L_;
   std::int32_t padded_;  // K * L rounded up to 64
   CpuIsa isa_;
-  std::vector<float> wt_;  // [dim][padded_], zero beyond K * L
+  // Blocks of 64 planes, [padded_ / 64][dim][64], zero beyond K * L: a block
+  // is one contiguous read (as [dim][padded_] it was 128 strided pieces).
+  std::vector<float> wt_;
 };
 
 // The i-th standard normal of the stream `seed` (what SimHash's planes are
