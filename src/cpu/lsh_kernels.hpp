@@ -28,8 +28,8 @@ using HashFn = void (*)(const float* x, std::int64_t rows, std::int64_t x_stride
 // "at least m collisions" (m <= 8) is bit m - 1. A scan turns the bytes into
 // a bitset: hits[w] bit i = bit m - 1 of marks[64 w + i], for w < words; it
 // also zeroes marks[0, 64 words) for the next walk. With a list (room for
-// 64 words + 4), it writes there the positions of the set bits, ascending, and
-// returns their count (else 0).
+// the number of set bits + 4), it writes there the positions of the set bits,
+// ascending, and returns their count (else 0).
 using ScanFn = std::int32_t (*)(std::uint8_t* marks, std::int64_t words, std::int32_t m,
                                 std::uint64_t* hits, std::uint32_t* list) noexcept;
 inline constexpr std::int32_t kMaxThermometer = 8;

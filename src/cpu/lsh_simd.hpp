@@ -104,24 +104,22 @@ struct LshHash {
   template <int R>
   static void block(const float* x, std::int64_t xs, std::int32_t D, const float* wt,
                     std::int32_t words, std::int32_t w, std::uint64_t* bits) noexcept {
-    {
-      B acc[R][kNV];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < kNV; ++c) acc[r][c] = B(0.0f);
-      const float* wp = wt + std::int64_t{w} * D * 64;
-      for (std::int32_t d = 0; d < D; ++d) {
-        B pv[kNV];
-        for (int c = 0; c < kNV; ++c) pv[c] = B::load_unaligned(wp + std::int64_t{d} * 64 + c * W);
-        for (int r = 0; r < R; ++r) {
-          const B xb(x[r * xs + d]);
-          for (int c = 0; c < kNV; ++c) acc[r][c] = xsimd::fma(pv[c], xb, acc[r][c]);
-        }
-      }
+    B acc[R][kNV];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kNV; ++c) acc[r][c] = B(0.0f);
+    const float* wp = wt + std::int64_t{w} * D * 64;
+    for (std::int32_t d = 0; d < D; ++d) {
+      B pv[kNV];
+      for (int c = 0; c < kNV; ++c) pv[c] = B::load_unaligned(wp + std::int64_t{d} * 64 + c * W);
       for (int r = 0; r < R; ++r) {
-        std::uint64_t m = 0;
-        for (int c = 0; c < kNV; ++c) m |= SignMask<A>::positive(acc[r][c]) << (c * W);
-        bits[r * words + w] = m;
+        const B xb(x[r * xs + d]);
+        for (int c = 0; c < kNV; ++c) acc[r][c] = xsimd::fma(pv[c], xb, acc[r][c]);
       }
+    }
+    for (int r = 0; r < R; ++r) {
+      std::uint64_t m = 0;
+      for (int c = 0; c < kNV; ++c) m |= SignMask<A>::positive(acc[r][c]) << (c * W);
+      bits[r * words + w] = m;
     }
   }
 
