@@ -102,31 +102,27 @@ Kernel lsh_kernel_scalar(std::int32_t head_dim, DType kv) noexcept;
 Kernel lsh_kernel_avx2(std::int32_t head_dim, DType kv) noexcept;
 Kernel lsh_kernel_avx512(std::int32_t head_dim, DType kv) noexcept;
 
-inline HashFn lsh_hash_for(CpuIsa isa) noexcept {
+// Of the three translation units' entry points, the one for `isa`.
+template <class F>
+F lsh_pick(CpuIsa isa, F avx512, F avx2, F scalar) noexcept {
   switch (isa) {
-    case CpuIsa::kAvx512: return lsh_hash_avx512();
-    case CpuIsa::kAvx2: return lsh_hash_avx2();
+    case CpuIsa::kAvx512: return avx512;
+    case CpuIsa::kAvx2: return avx2;
     case CpuIsa::kScalar: break;
   }
-  return lsh_hash_scalar();
+  return scalar;
+}
+
+inline HashFn lsh_hash_for(CpuIsa isa) noexcept {
+  return lsh_pick(isa, &lsh_hash_avx512, &lsh_hash_avx2, &lsh_hash_scalar)();
 }
 
 inline ScanFn lsh_scan_for(CpuIsa isa) noexcept {
-  switch (isa) {
-    case CpuIsa::kAvx512: return lsh_scan_avx512();
-    case CpuIsa::kAvx2: return lsh_scan_avx2();
-    case CpuIsa::kScalar: break;
-  }
-  return lsh_scan_scalar();
+  return lsh_pick(isa, &lsh_scan_avx512, &lsh_scan_avx2, &lsh_scan_scalar)();
 }
 
 inline Kernel lsh_kernel_for(CpuIsa isa, std::int32_t head_dim, DType kv) noexcept {
-  switch (isa) {
-    case CpuIsa::kAvx512: return lsh_kernel_avx512(head_dim, kv);
-    case CpuIsa::kAvx2: return lsh_kernel_avx2(head_dim, kv);
-    case CpuIsa::kScalar: break;
-  }
-  return lsh_kernel_scalar(head_dim, kv);
+  return lsh_pick(isa, &lsh_kernel_avx512, &lsh_kernel_avx2, &lsh_kernel_scalar)(head_dim, kv);
 }
 
 }  // namespace hattn::cpu::detail
