@@ -474,7 +474,7 @@ namespace {
 // the lines of its positions prefetched towards L2, then the buckets are
 // walked. (Measured in TSC Mcycles per bs:1 step at 64K positions, 32 heads:
 // a software pipeline with bounds 16 tasks and positions 8 tasks ahead of the
-// walk spent 2.9-3.1 in all, these two passes 1.8-2.3, 0.6-0.7 of it in the
+// walk spent 2.9-3.1 in all, these two passes 2.0-2.4, 0.6-0.7 of it in the
 // first. The pipeline's prefetches had also started at the first position
 // rather than its line, missing the last line of many buckets.)
 template <class Idx, class Visit>
