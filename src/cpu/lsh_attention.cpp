@@ -83,9 +83,9 @@ struct Scratch {
   std::vector<std::uint32_t> sampled;
   std::vector<std::uint16_t> umask;
   // With one head per pass, retrieve() also lists its sampled positions,
-  // ascending (room for n + 64), when the counting allows (nlisted >= 0).
+  // ascending: nlisted of them (room for n + 64).
   std::vector<std::uint32_t> listed;
-  std::int32_t nlisted = -1;
+  std::int32_t nlisted = 0;
   std::vector<const std::byte*> krows, vrows;
   std::vector<std::uint16_t> qcodes;         // [16][L]
   std::vector<std::uint32_t> ranges;         // [16 L][2]: bucket bounds of a walk
@@ -525,16 +525,26 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
 // in epoch-stamped 16-bit counters (no clearing per step).
 void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::uint16_t* qcodes,
               std::int32_t L, std::int32_t m, bool all, detail::ScanFn scan, Scratch& sc) {
-  sc.nlisted = -1;
+  sc.nlisted = 0;
   if (n <= 0) return;
   const std::int64_t words = (n + 63) / 64;
   const std::int64_t stride = (sc.cap + 63) / 64;
+  // One head's positions listed from its bitset (the thermometer scan lists
+  // them itself).
+  auto list_one = [&] {
+    if (gp != 1) return;
+    for (std::int64_t w = 0; w < words; ++w)
+      sc.nlisted =
+          detail::list_word(sc.hits[static_cast<std::size_t>(w)],
+                            static_cast<std::uint32_t>(w * 64), sc.listed.data(), sc.nlisted);
+  };
   if (all) {
     for (std::int32_t g = 0; g < gp; ++g) {
       std::uint64_t* h = sc.hits.data() + g * stride;
       std::fill_n(h, words, ~std::uint64_t{0});
       if (n % 64 != 0) h[words - 1] = (std::uint64_t{1} << (n % 64)) - 1;
     }
+    list_one();
     return;
   }
   // Every bucket of every (head, table), main then side tables, through
@@ -585,6 +595,7 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
         }
       }
     });
+    list_one();
   }
 }
 
@@ -629,10 +640,9 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
   impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
   retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
            config_.min_collisions, config_.sample_all, impl_->scan, sc);
-  build_union(s.indexed(), 1, sc);
   out->clear();
-  for (std::uint32_t i : sc.sampled) out->push_back(s.sink_end + i);
-  std::sort(out->begin(), out->end());
+  for (std::int32_t j = 0; j < sc.nlisted; ++j)  // ascending
+    out->push_back(s.sink_end + sc.listed[static_cast<std::size_t>(j)]);
   return Status::ok();
 }
 
@@ -764,11 +774,10 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
         im.proj_of(h).hash(qf, gp, D, qcodes);
       retrieve(tab, ni, gp, codes, L, config_.min_collisions, config_.sample_all, impl_->scan, sc);
       // Row pointers of the sampled set: one head's from the list retrieve()
-      // made (or its bitset), a group's union in ascending order with
-      // per-head masks.
+      // made, a group's union in ascending order with per-head masks.
       const hattn::detail::PagedRowLocator loc(s.view, 0, h, s.sink_end);
       std::int32_t nu = 0;
-      if (gp == 1 && sc.nlisted >= 0) {
+      if (gp == 1) {
         const std::uint32_t* listed = sc.listed.data();
         nu = sc.nlisted;
         for (std::int32_t j = 0; j < nu; ++j) {
@@ -776,13 +785,6 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
           sc.krows[j] = rows.k;
           sc.vrows[j] = rows.v;
         }
-      } else if (gp == 1) {
-        for (std::int64_t w = 0; w < (ni + 63) / 64; ++w)
-          for (std::uint64_t bits = sc.hits[w]; bits != 0; bits &= bits - 1, ++nu) {
-            const auto rows = loc(w * 64 + __builtin_ctzll(bits));
-            sc.krows[nu] = rows.k;
-            sc.vrows[nu] = rows.v;
-          }
       } else {
         build_union(ni, gp, sc);
         nu = static_cast<std::int32_t>(sc.sampled.size());
