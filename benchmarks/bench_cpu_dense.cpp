@@ -23,13 +23,16 @@
 //
 // Reported: bytes_per_second (KV bytes = 2 * sum(len) * H_kv * D * sizeof(kv)
 // per iteration), bw_fraction = that rate / the probe's rate, probe_GBps (the
-// probe's rate, 1e9 B/s), and the kernel ISA as the label.
+// probe's rate, 1e9 B/s; probe_before_GBps and probe_after_GBps are its two
+// halves), and the kernel ISA as the label.
 //
-// The probe (measured once, lazily, before the first case that needs it): a
-// parallel sum over 1 GiB in 4 MiB chunks on the same executor, with wide loads
-// and several accumulators, median of several passes. HATTN_PROBE_DEBUG=1
-// prints every pass (on the development VM the read bandwidth differs between
-// processes, about 30 or about 60 GB/s, steady within one process).
+// The probe: a parallel sum over 1 GiB in 4 MiB chunks on the same executor,
+// with wide loads and several accumulators, the median of 5 passes, measured
+// right before and right after each case's timed loop (untimed); a case's
+// probe is the mean of the two. The buffer is allocated and written once,
+// before any case memory exists. HATTN_PROBE_DEBUG=1 prints every pass. (On
+// the development VM the read bandwidth moves between about 30 and about
+// 55 GB/s within seconds; a probe taken once per process misled.)
 
 #include <benchmark/benchmark.h>
 
@@ -92,7 +95,7 @@ constexpr std::size_t kMaxKvBytes = 8 * kGiB;       // larger cases are not regi
 constexpr std::size_t kRotationBytes = 512 * kMiB;  // KV sets cycled through >= this
 constexpr std::size_t kProbeBytes = 1 * kGiB;
 constexpr std::size_t kProbeChunk = 4 * kMiB;
-constexpr int kProbePasses = 10;
+constexpr int kCaseProbePasses = 5;  // per probe: before and after each case
 constexpr std::size_t kFillChunk = 2 * kMiB;
 
 const hattn::CpuExecutor& executor() {
@@ -305,42 +308,41 @@ void release_fixture() {
   g_fixture_key.clear();
 }
 
-struct Probe {
-  double bytes_per_second = 0;
-  const char* isa = "";
+// The read-bandwidth probe: a 1 GiB buffer allocated (and written) once,
+// before any case memory exists, and kept for the whole process.
+ReadBuffer& probe_buffer() {
+  static ReadBuffer buf{kProbeBytes};
+  return buf;
+}
+
+// The machine's read bandwidth with all cores now: the median of `passes`
+// passes over the probe buffer (robust to a stray slow or fast pass).
+double probe_rate(int passes) {
+  ReadBuffer& buf = probe_buffer();
+  const SumKernel k = pick_sum_kernel();
+  std::vector<double> t(static_cast<std::size_t>(passes));
+  for (double& x : t) {
+    x = buf.pass(k.fn);
+    if (std::getenv("HATTN_PROBE_DEBUG"))
+      std::fprintf(stderr, "probe pass %.2f GB/s\n", static_cast<double>(buf.bytes()) / x / 1e9);
+  }
+  std::nth_element(t.begin(), t.begin() + passes / 2, t.end());
+  return static_cast<double>(buf.bytes()) / t[static_cast<std::size_t>(passes / 2)];
+}
+
+// A case's probe, measured right before and right after its timed loop (the
+// rate divides by their mean). On the development guest the read bandwidth
+// moves between ~30 and ~55 GB/s within seconds, so a probe taken once per
+// process, minutes before a case, gave fractions from 0.5 to 1.37 for one
+// kernel (docs/cpu-dense.md, "The bandwidth probe").
+struct CaseProbe {
+  double before = 0, after = 0;
+  double rate() const noexcept { return 0.5 * (before + after); }
 };
 
-struct ReadFixture final : Fixture {
-  ReadBuffer buf{kProbeBytes};
-};
-constexpr const char* kReadKey = "membw/read";
-
-// The machine's read bandwidth with all cores: median of several passes over
-// kProbeBytes, after one warm-up pass. Measured once per process, before any
-// case memory exists; the buffer is then kept as membw/read's fixture (freed
-// as soon as another case starts).
-const Probe& probe() {
-  static const Probe p = [] {
-    release_fixture();
-    const SumKernel k = pick_sum_kernel();
-    auto fx = std::make_unique<ReadFixture>();
-    (void)fx->buf.pass(k.fn);
-    // The median pass: robust to a stray slow or fast pass.
-    std::vector<double> t(kProbePasses);
-    for (double& x : t) {
-      x = fx->buf.pass(k.fn);
-      if (std::getenv("HATTN_PROBE_DEBUG"))
-        std::fprintf(stderr, "probe pass %.2f GB/s\n",
-                     static_cast<double>(fx->buf.bytes()) / x / 1e9);
-    }
-    std::nth_element(t.begin(), t.begin() + kProbePasses / 2, t.end());
-    const double best = t[kProbePasses / 2];
-    const Probe r{static_cast<double>(fx->buf.bytes()) / best, k.isa};
-    g_fixture = std::move(fx);
-    g_fixture_key = kReadKey;
-    return r;
-  }();
-  return p;
+void report_probe(benchmark::State& state, const CaseProbe& pr) {
+  state.counters["probe_before_GBps"] = pr.before * 1e-9;
+  state.counters["probe_after_GBps"] = pr.after * 1e-9;
 }
 
 // --- random KV ------------------------------------------------------------------
@@ -557,7 +559,7 @@ std::unique_ptr<Fixture> make_dense_fixture(const DenseCase& c) {
 }
 
 void bm_cpu_dense(benchmark::State& state, const DenseCase& c) {
-  const Probe& pr = probe();  // before any case memory is allocated
+  (void)probe_buffer();  // allocated before any case memory
   DenseFixture* fx = nullptr;
   try {
     fx = &fixture<DenseFixture>(c.name(), [&] { return make_dense_fixture(c); });
@@ -577,6 +579,8 @@ void bm_cpu_dense(benchmark::State& state, const DenseCase& c) {
   const std::size_t sets = fx->plans.size();
   std::size_t s = fx->next;
   bool failed = false;
+  CaseProbe pr;
+  pr.before = probe_rate(kCaseProbePasses);
   const auto t0 = Clock::now();
   for (auto _ : state) {
     const hattn::Status st = fx->backend.run(fx->plans[s], fx->qv, fx->views[s], fx->out, ex);
@@ -590,36 +594,35 @@ void bm_cpu_dense(benchmark::State& state, const DenseCase& c) {
   const double elapsed = seconds_since(t0);
   fx->next = s;
   if (failed) return;
+  pr.after = probe_rate(kCaseProbePasses);
 
   report_rates(state, state.iterations() * static_cast<std::int64_t>(c.kv_bytes()), elapsed,
-               pr.bytes_per_second);
+               pr.rate());
+  report_probe(state, pr);
   benchmark::DoNotOptimize(fx->o.data());
 }
 
 // --- membw/read -----------------------------------------------------------------
 
 void bm_membw_read(benchmark::State& state) {
-  const Probe& pr = probe();
-  ReadFixture* fx = nullptr;
-  try {
-    fx = &fixture<ReadFixture>(kReadKey, [] { return std::make_unique<ReadFixture>(); });
-  } catch (const std::exception& e) {
-    release_fixture();
-    state.SkipWithError((std::string("setup failed: ") + e.what()).c_str());
-    return;
-  }
+  ReadBuffer& buf = probe_buffer();
   const SumKernel k = pick_sum_kernel();
   state.SetLabel(k.isa);
+  CaseProbe pr;
+  pr.before = probe_rate(kCaseProbePasses);
   const auto t0 = Clock::now();
-  for (auto _ : state) (void)fx->buf.pass(k.fn);
+  for (auto _ : state) (void)buf.pass(k.fn);
   const double elapsed = seconds_since(t0);
-  report_rates(state, state.iterations() * static_cast<std::int64_t>(fx->buf.bytes()), elapsed,
-               pr.bytes_per_second);
+  pr.after = probe_rate(kCaseProbePasses);
+  report_rates(state, state.iterations() * static_cast<std::int64_t>(buf.bytes()), elapsed,
+               pr.rate());
+  report_probe(state, pr);
 }
 
 void register_benchmarks() {
   const bool real_time = use_real_time();
-  auto* read = benchmark::RegisterBenchmark(kReadKey, bm_membw_read)->Unit(benchmark::kMillisecond);
+  auto* read =
+      benchmark::RegisterBenchmark("membw/read", bm_membw_read)->Unit(benchmark::kMillisecond);
   if (real_time) read->UseRealTime();
   constexpr std::array kDTypes = {hattn::DType::kBF16, hattn::DType::kF16, hattn::DType::kF32};
   constexpr std::array<std::int64_t, 5> kLens = {1024, 4096, 16384, 32768, 131072};
