@@ -95,13 +95,16 @@ struct Scratch {
   // accumulator, sampled and exact outputs.
   std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
   std::vector<float, Aligned64<float>> muk;  // [D]: the head's key mean in kernel order
-  std::int64_t cap = 0;
+  std::int64_t cap = 0;                      // positions the per-head arrays have room for
+  std::int32_t head_cap = 0;                 // heads of a pass they have room for
   std::uint16_t epoch = 0;
 
-  // Room for n indexed positions, exact_rows exact rows, head dim D, L tables
-  // and the collision threshold m.
+  // Room for n indexed positions, exact_rows exact rows, head dim D, L tables,
+  // the collision threshold m and passes of `heads` query heads (per-head
+  // items: 1; the counts and bitsets are per head: 64 KiB of marks per head
+  // at 64K positions).
   void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L,
-               std::int32_t m) {
+               std::int32_t m, std::int32_t heads) {
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
     for (auto* v : {&qf, &qd, &acc, &os, &oe})
       if (v->size() < hd) v->resize(hd);
@@ -112,21 +115,23 @@ struct Scratch {
       bounds.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
       pbase.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
     }
-    if (n > cap) {
-      const std::size_t words = static_cast<std::size_t>((n + 63) / 64);
-      hits.assign(kMaxGroupPerPass * words, 0);
+    if (n > cap || heads > head_cap) {
+      cap = std::max(cap, n);
+      head_cap = std::max(head_cap, heads);
+      const auto words = static_cast<std::size_t>((cap + 63) / 64);
+      hits.assign(static_cast<std::size_t>(head_cap) * words, 0);
       marks.clear();  // regrown below, zeroed
       counters.clear();
-      sampled.reserve(static_cast<std::size_t>(n));
-      listed.resize(static_cast<std::size_t>(n) + 64);
-      umask.reserve(static_cast<std::size_t>(n) + detail::kLshPad);
-      cap = n;
+      sampled.reserve(static_cast<std::size_t>(cap));
+      listed.resize(static_cast<std::size_t>(cap) + 64);
+      umask.reserve(static_cast<std::size_t>(cap) + detail::kLshPad);
     }
     const bool thermometer = m <= detail::kMaxThermometer;
     const auto need_marks =
-        static_cast<std::size_t>(thermometer ? kMaxGroupPerPass * ((cap + 63) / 64 * 64) : 0);
+        static_cast<std::size_t>(thermometer ? std::int64_t{head_cap} * ((cap + 63) / 64 * 64) : 0);
     if (marks.size() < need_marks) marks.assign(need_marks, 0);
-    const auto need_counters = static_cast<std::size_t>(thermometer ? 0 : kMaxGroupPerPass * cap);
+    const auto need_counters =
+        static_cast<std::size_t>(thermometer ? 0 : std::int64_t{head_cap} * cap);
     if (counters.size() < need_counters) {
       counters.assign(need_counters, 0);
       epoch = 0;
@@ -635,7 +640,7 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
   const std::int32_t h = q_head / (shape_.num_q_heads / shape_.num_kv_heads);
   Scratch sc;
   sc.reserve(std::max<std::int64_t>(1, s.indexed()), 0, shape_.head_dim, config_.L,
-             config_.min_collisions);
+             config_.min_collisions, 1);
   std::vector<std::uint16_t> codes(static_cast<std::size_t>(config_.L));
   impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
   retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
@@ -684,21 +689,21 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     max_exact = std::max(max_exact, seqs[b]->sink_end + seqs[b]->length - seqs[b]->indexed_end);
   }
   Impl& im = *impl_;
+  // Work items: (sequence, query head), or with the union gather (sequence,
+  // KV head, pass of up to 16 of its query heads).
+  const std::int32_t gmax =
+      config_.gather == LshConfig::Gather::kUnion ? std::min(G, kMaxGroupPerPass) : 1;
   try {
     const auto slots = static_cast<std::size_t>(executor.concurrency()) + 1;
     if (im.scratch.size() < slots) im.scratch.resize(slots);
     for (auto& sc : im.scratch)
-      sc.reserve(max_indexed, max_exact, D, config_.L, config_.min_collisions);
+      sc.reserve(max_indexed, max_exact, D, config_.L, config_.min_collisions, gmax);
   } catch (const std::bad_alloc&) {
     return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
   }
 
   const float scale = shape_.sm_scale ? *shape_.sm_scale : 1.0f / std::sqrt(float(D));
   const std::int32_t L = config_.L;
-  // Work items: (sequence, query head), or with the union gather (sequence,
-  // KV head, pass of up to 16 of its query heads).
-  const std::int32_t gmax =
-      config_.gather == LshConfig::Gather::kUnion ? std::min(G, kMaxGroupPerPass) : 1;
   const std::int32_t passes = (G + gmax - 1) / gmax;
   const std::int64_t items = std::int64_t{B} * Hk * passes;
 
