@@ -71,12 +71,13 @@ struct Aligned64 {
 // the sampled positions (when listed), row pointers, the bucket walk's
 // bounds and the item's query and output buffers.
 struct Scratch {
-  // Per head g < 16, collision counts over the indexed positions: one byte
-  // each as a thermometer code for m <= 8 (detail::ScanFn), [16][64 words];
-  // else epoch << 8 | count in 16 bits, [16][cap].
+  // Per head g < head_cap, collision counts over the indexed positions: one
+  // byte each as a thermometer code for m <= 8 (detail::ScanFn),
+  // [head_cap][64 words]; else epoch << 8 | count in 16 bits, [head_cap][cap].
   std::vector<std::uint8_t, Aligned64<std::uint8_t>> marks;
   std::vector<std::uint16_t> counters;
-  // Per head g < 16, the sampled positions (at least m collisions) as a bitset.
+  // Per head g < head_cap, the sampled positions (at least m collisions) as a
+  // bitset, [head_cap][words].
   std::vector<std::uint64_t> hits;
   // From build_union(): the union over the pass's heads, ascending, and per
   // position a mask with bit g set when head g sampled it.
