@@ -120,10 +120,21 @@ bool use_real_time() {
   return v;
 }
 
+// A case's probe, measured right before and right after its timed loop (the
+// rate divides by their mean). On the development guest the read bandwidth
+// moves between ~30 and ~55 GB/s within seconds, so a probe taken once per
+// process, minutes before a case, gave fractions from 0.5 to 1.37 for one
+// kernel (docs/cpu-dense.md, "The bandwidth probe").
+struct CaseProbe {
+  double before = 0, after = 0;
+  double rate() const noexcept { return 0.5 * (before + after); }
+};
+
 // Rate counters of a case whose timed loop moved `bytes` in `elapsed` seconds
-// of wall clock: bytes_per_second, bw_fraction (of the probe) and probe_GBps.
+// of wall clock: bytes_per_second, bw_fraction (of the probe's mean) and the
+// probe's figures in GB/s (probe_GBps, probe_before_GBps, probe_after_GBps).
 void report_rates(benchmark::State& state, std::int64_t bytes, double elapsed,
-                  double probe_bytes_per_second) {
+                  const CaseProbe& probe) {
   const double rate = elapsed > 0 ? static_cast<double>(bytes) / elapsed : 0.0;
   if (use_real_time()) {
     state.SetBytesProcessed(bytes);  // the library divides by the same wall time
@@ -132,8 +143,10 @@ void report_rates(benchmark::State& state, std::int64_t bytes, double elapsed,
     state.counters["bytes_per_second"] =
         benchmark::Counter(rate, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
   }
-  state.counters["bw_fraction"] = rate / probe_bytes_per_second;
-  state.counters["probe_GBps"] = probe_bytes_per_second * 1e-9;
+  state.counters["bw_fraction"] = rate / probe.rate();
+  state.counters["probe_GBps"] = probe.rate() * 1e-9;
+  state.counters["probe_before_GBps"] = probe.before * 1e-9;
+  state.counters["probe_after_GBps"] = probe.after * 1e-9;
 }
 
 double seconds_since(Clock::time_point t0) {
@@ -328,21 +341,6 @@ double probe_rate(int passes) {
   }
   std::nth_element(t.begin(), t.begin() + passes / 2, t.end());
   return static_cast<double>(buf.bytes()) / t[static_cast<std::size_t>(passes / 2)];
-}
-
-// A case's probe, measured right before and right after its timed loop (the
-// rate divides by their mean). On the development guest the read bandwidth
-// moves between ~30 and ~55 GB/s within seconds, so a probe taken once per
-// process, minutes before a case, gave fractions from 0.5 to 1.37 for one
-// kernel (docs/cpu-dense.md, "The bandwidth probe").
-struct CaseProbe {
-  double before = 0, after = 0;
-  double rate() const noexcept { return 0.5 * (before + after); }
-};
-
-void report_probe(benchmark::State& state, const CaseProbe& pr) {
-  state.counters["probe_before_GBps"] = pr.before * 1e-9;
-  state.counters["probe_after_GBps"] = pr.after * 1e-9;
 }
 
 // --- random KV ------------------------------------------------------------------
@@ -596,9 +594,7 @@ void bm_cpu_dense(benchmark::State& state, const DenseCase& c) {
   if (failed) return;
   pr.after = probe_rate(kCaseProbePasses);
 
-  report_rates(state, state.iterations() * static_cast<std::int64_t>(c.kv_bytes()), elapsed,
-               pr.rate());
-  report_probe(state, pr);
+  report_rates(state, state.iterations() * static_cast<std::int64_t>(c.kv_bytes()), elapsed, pr);
   benchmark::DoNotOptimize(fx->o.data());
 }
 
@@ -614,9 +610,7 @@ void bm_membw_read(benchmark::State& state) {
   for (auto _ : state) (void)buf.pass(k.fn);
   const double elapsed = seconds_since(t0);
   pr.after = probe_rate(kCaseProbePasses);
-  report_rates(state, state.iterations() * static_cast<std::int64_t>(buf.bytes()), elapsed,
-               pr.rate());
-  report_probe(state, pr);
+  report_rates(state, state.iterations() * static_cast<std::int64_t>(buf.bytes()), elapsed, pr);
 }
 
 void register_benchmarks() {
