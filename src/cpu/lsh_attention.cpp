@@ -512,10 +512,11 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
     for (std::uintptr_t c = line0; c < end; c += 64)
       detail::prefetch_l2(reinterpret_cast<const void*>(c));
   }
-  for (std::int32_t k = 0; k < n; ++k) {
-    const Idx* pos = static_cast<const Idx*>(pbase[k]);
-    hit(k / L, pos + range[2 * k], pos + range[2 * k + 1]);
-  }
+  for (std::int32_t g = 0, k = 0; g < gp; ++g)
+    for (std::int32_t l = 0; l < L; ++l, ++k) {
+      const Idx* pos = static_cast<const Idx*>(pbase[k]);
+      hit(g, pos + range[2 * k], pos + range[2 * k + 1]);
+    }
 }
 
 // The positions each of the pass's query heads samples (relative to
@@ -571,10 +572,23 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
   std::uint64_t* const hits = sc.hits.data();
   if (m <= detail::kMaxThermometer) {
     // The hot loop of retrieval: 64 KiB of marks per head at 64K positions.
+    // Four entries at a time, all loads before the stores: a bucket's
+    // entries are distinct positions, so no store feeds a load of its group
+    // (the one-at-a-time loop left the core to guess that; inside one
+    // process, alternating every 16 steps, with the native table gather of
+    // the sampled kernel: bs:8 steps at 64K 2-4 % faster, bs:1 within 1 %).
     std::uint8_t* const marks = sc.marks.data();
     const std::int64_t pitch = stride * 64;
     walk([=](std::int32_t g, const auto* first, const auto* last) {
       std::uint8_t* __restrict c = marks + g * pitch;
+      for (; last - first >= 4; first += 4) {
+        const std::uint32_t i0 = first[0], i1 = first[1], i2 = first[2], i3 = first[3];
+        const unsigned c0 = c[i0], c1 = c[i1], c2 = c[i2], c3 = c[i3];
+        c[i0] = static_cast<std::uint8_t>(c0 << 1 | 1u);
+        c[i1] = static_cast<std::uint8_t>(c1 << 1 | 1u);
+        c[i2] = static_cast<std::uint8_t>(c2 << 1 | 1u);
+        c[i3] = static_cast<std::uint8_t>(c3 << 1 | 1u);
+      }
       for (; first < last; ++first) c[*first] = static_cast<std::uint8_t>(c[*first] << 1 | 1u);
     });
     // With one head the scan also lists its positions (sc.listed).

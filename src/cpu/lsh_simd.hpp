@@ -137,6 +137,31 @@ struct LshHash {
   }
 };
 
+// table[i] per lane. (xsimd 8.1's batch::gather is an out-of-line loop of
+// scalar loads for these architectures.)
+template <class A>
+struct TableGather;
+
+#if defined(__AVX512F__)
+template <>
+struct TableGather<xsimd::avx512f> {
+  static xsimd::batch<float, xsimd::avx512f> at(
+      const float* table, xsimd::batch<std::int32_t, xsimd::avx512f> i) noexcept {
+    return _mm512_i32gather_ps(i, table, 4);
+  }
+};
+#endif
+
+#if defined(__AVX2__)
+template <>
+struct TableGather<xsimd::fma3<xsimd::avx2>> {
+  static xsimd::batch<float, xsimd::fma3<xsimd::avx2>> at(
+      const float* table, xsimd::batch<std::int32_t, xsimd::fma3<xsimd::avx2>> i) noexcept {
+    return _mm256_i32gather_ps(table, i, 4);
+  }
+};
+#endif
+
 // Lanes t whose umask[t] lacks bit `head` become -inf.
 template <class A>
 struct SampledMask;
@@ -191,7 +216,7 @@ struct LshScores {
       const B x = (cs + one) * B(0.5f * static_cast<float>(c.intervals));
       const I i = xsimd::min(xsimd::to_int(x), I(c.intervals - 1));
       const B f = x - xsimd::to_float(i);
-      const B t0v = B::gather(c.corr, i), t1v = B::gather(c.corr, i + I(1));
+      const B t0v = TableGather<A>::at(c.corr, i), t1v = TableGather<A>::at(c.corr + 1, i);
       s = xsimd::fma(xsimd::fma(f, t1v - t0v, t0v), B(1.4426950408889634f), s);
     }
     return c.umask != nullptr ? SampledMask<A>::apply(s, c.umask + t0, head) : s;
