@@ -8,6 +8,16 @@
 //   lsh/K8L75/kv:<n>/bs:<b>
 //   cpu_dense/bf16/kv:<n>/bs:<b>     cpu::DenseDecode::run on the same cache
 //   lsh_peaky/K10L150/kv:65536/bs:<b>  the same step on peaky attention data
+//   lsh_vs_dense/K10L150/kv:65536/bs:<b>  the lsh and cpu_dense steps paired:
+//                                    each iteration runs one of each, in
+//                                    alternating order; counters lsh_ms and
+//                                    dense_ms (medians) and speedup (their
+//                                    ratio). The reported time is the lsh
+//                                    step's (the timer is paused for the
+//                                    rest). This host's speed drifts by
+//                                    20-50 % within seconds, so the separate
+//                                    cases, seconds apart, can see different
+//                                    machines; the pairs see the same one.
 // n in {16384, 65536, 131072}, b in {1, 8}; a case whose memory is not
 // available is skipped with a message.
 //
@@ -457,6 +467,66 @@ void bm_dense(benchmark::State& state, std::int64_t n, int bs) {
   state.SetLabel(std::string(to_string(dense.isa())));
 }
 
+// The lsh and dense steps of one shape paired in each iteration (alternating
+// which goes first), so both see the host in the same state.
+void bm_paired(benchmark::State& state, std::int64_t n, int bs) {
+  std::string err;
+  Fixture* f = fixture("K10L150", n, Data::kDiffuse, &err);
+  if (f == nullptr) {
+    state.SkipWithError(err.c_str());
+    return;
+  }
+  std::vector<std::int64_t> ids(bs);
+  std::iota(ids.begin(), ids.end(), 0);
+  PageTable table;
+  PagedKvView kv;
+  (void)f->layer->kv_view(ids, &table, &kv);
+  const DecodeProblem p{bs, kQHeads, kKvHeads, kD, DType::kBF16, DType::kF32, DType::kF32, {}};
+  DenseDecode dense;
+  std::vector<std::byte> ws(DenseDecode::workspace_size(p));
+  DecodePlan plan;
+  if (!dense.plan(p, kv, ws.data(), ws.size(), &plan).is_ok()) {
+    state.SkipWithError("dense plan failed");
+    return;
+  }
+  std::vector<float> o(std::size_t(bs) * kQHeads * kD), lse(std::size_t(bs) * kQHeads);
+  const PartialView out = make_partial_view(o.data(), DType::kF32, lse.data(), bs, kQHeads, kD);
+  std::vector<double> lsh_ms, dense_ms;
+  int it = 0;
+  for (auto _ : state) {
+    // The timer runs for the lsh step only.
+    state.PauseTiming();
+    for (int k = 0; k < 2; ++k) {
+      const bool run_lsh = (k == 0) == (it % 2 == 0);
+      flush_cache();
+      const QueryView q =
+          make_query_view(f->queries[it % kQueryBatches].data(), DType::kF32, bs, kQHeads, kD);
+      if (run_lsh) state.ResumeTiming();
+      const auto t0 = std::chrono::steady_clock::now();
+      const Status st = run_lsh ? f->layer->decode(ids, q, out, executor())
+                                : dense.run(plan, q, kv, out, executor());
+      const auto t1 = std::chrono::steady_clock::now();
+      if (run_lsh) state.PauseTiming();
+      if (!st) {
+        state.SkipWithError(st.message());
+        break;
+      }
+      (run_lsh ? lsh_ms : dense_ms)
+          .push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+    state.ResumeTiming();
+    ++it;
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  const double lm = median(lsh_ms), dm = median(dense_ms);
+  state.counters["lsh_ms"] = lm;
+  state.counters["dense_ms"] = dm;
+  state.counters["speedup"] = lm > 0 ? dm / lm : 0.0;
+}
+
 void bm_build(benchmark::State& state, std::int64_t n) {
   g_fixture.reset();  // room for this case
   if (static_cast<std::int64_t>(layer_bytes("K10L150", n, 2)) > mem_available() * 9 / 10) {
@@ -510,6 +580,11 @@ int main(int argc, char** argv) {
         benchmark::RegisterBenchmark(
             ("lsh_peaky/K10L150" + kv + "/bs:" + std::to_string(bs)).c_str(), bm_lsh,
             std::string("K10L150"), n, bs, Data::kPeaky)
+            ->Unit(benchmark::kMillisecond);
+    if (n == 65536)
+      for (int bs : {1, 8})
+        benchmark::RegisterBenchmark(
+            ("lsh_vs_dense/K10L150" + kv + "/bs:" + std::to_string(bs)).c_str(), bm_paired, n, bs)
             ->Unit(benchmark::kMillisecond);
   }
   benchmark::Initialize(&argc, argv);
