@@ -482,7 +482,13 @@ namespace {
 // a software pipeline with bounds 16 tasks and positions 8 tasks ahead of the
 // walk spent 2.9-3.1 in all, these two passes 2.0-2.4, 0.6-0.7 of it in the
 // first. The pipeline's prefetches had also started at the first position
-// rather than its line, missing the last line of many buckets.)
+// rather than its line, missing the last line of many buckets.) Every
+// prefetch goes towards L2: on Zen 4 a prefetcht0 holds one of the L1's few
+// miss buffers until its line arrives, and random lines prefetched that way
+// arrive at about half the rate (the sampled kernel's rows with prefetcht0
+// took twice as long); the bounds' prefetcht0 made bs:8 steps at 64K 1-9 %
+// slower than prefetcht1 (six in-process comparisons, alternating every 16
+// steps), bs:1 within noise.
 template <class Idx, class Visit>
 void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, std::int32_t gp,
                Scratch& sc, Visit&& hit) {
@@ -498,7 +504,7 @@ void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, 
         pbase[k] = t.positions16(l);
       else
         pbase[k] = t.positions32(l);
-      detail::prefetch_l1(bptr[k]);
+      detail::prefetch_l2(bptr[k]);
     }
   std::uint32_t* range = sc.ranges.data();  // [n][2]
   for (std::int32_t k = 0; k < n; ++k) {
