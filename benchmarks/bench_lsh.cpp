@@ -428,6 +428,34 @@ void bm_lsh(benchmark::State& state, std::string cfg, std::int64_t n, int bs, Da
   state.SetLabel(std::string(to_string(f->layer->isa())));
 }
 
+// Dense decode over the first bs sequences of the fixture's layer (its own
+// paged cache), planned once; the output buffers are shared with the lsh step.
+struct DenseStep {
+  std::vector<std::int64_t> ids;
+  PageTable table;
+  PagedKvView kv;
+  DenseDecode dense;
+  std::vector<std::byte> ws;
+  DecodePlan plan;
+  std::vector<float> o, lse;
+  PartialView out;
+  bool ok = false;
+
+  DenseStep(Fixture& f, int bs) : ids(static_cast<std::size_t>(bs)) {
+    std::iota(ids.begin(), ids.end(), 0);
+    (void)f.layer->kv_view(ids, &table, &kv);
+    const DecodeProblem p{bs, kQHeads, kKvHeads, kD, DType::kBF16, DType::kF32, DType::kF32, {}};
+    ws.resize(DenseDecode::workspace_size(p));
+    ok = dense.plan(p, kv, ws.data(), ws.size(), &plan).is_ok();
+    o.resize(std::size_t(bs) * kQHeads * kD);
+    lse.resize(std::size_t(bs) * kQHeads);
+    out = make_partial_view(o.data(), DType::kF32, lse.data(), bs, kQHeads, kD);
+  }
+  DenseStep(const DenseStep&) = delete;
+  DenseStep& operator=(const DenseStep&) = delete;
+  Status run(const QueryView& q) { return dense.run(plan, q, kv, out, executor()); }
+};
+
 void bm_dense(benchmark::State& state, std::int64_t n, int bs) {
   std::string err;
   Fixture* f = g_fixture && g_fixture->n == n ? g_fixture.get()
@@ -436,21 +464,11 @@ void bm_dense(benchmark::State& state, std::int64_t n, int bs) {
     state.SkipWithError(err.c_str());
     return;
   }
-  std::vector<std::int64_t> ids(bs);
-  std::iota(ids.begin(), ids.end(), 0);
-  PageTable table;
-  PagedKvView kv;
-  (void)f->layer->kv_view(ids, &table, &kv);
-  const DecodeProblem p{bs, kQHeads, kKvHeads, kD, DType::kBF16, DType::kF32, DType::kF32, {}};
-  DenseDecode dense;
-  std::vector<std::byte> ws(DenseDecode::workspace_size(p));
-  DecodePlan plan;
-  if (!dense.plan(p, kv, ws.data(), ws.size(), &plan).is_ok()) {
+  DenseStep d(*f, bs);
+  if (!d.ok) {
     state.SkipWithError("dense plan failed");
     return;
   }
-  std::vector<float> o(std::size_t(bs) * kQHeads * kD), lse(std::size_t(bs) * kQHeads);
-  const PartialView out = make_partial_view(o.data(), DType::kF32, lse.data(), bs, kQHeads, kD);
   int it = 0;
   for (auto _ : state) {
     state.PauseTiming();
@@ -458,13 +476,13 @@ void bm_dense(benchmark::State& state, std::int64_t n, int bs) {
     const QueryView q =
         make_query_view(f->queries[it++ % kQueryBatches].data(), DType::kF32, bs, kQHeads, kD);
     state.ResumeTiming();
-    if (!dense.run(plan, q, kv, out, executor()).is_ok()) {
+    if (!d.run(q).is_ok()) {
       state.SkipWithError("dense run failed");
       return;
     }
   }
   state.counters["kv_bytes"] = double(n) * bs * kKvHeads * kD * 2 * 2;
-  state.SetLabel(std::string(to_string(dense.isa())));
+  state.SetLabel(std::string(to_string(d.dense.isa())));
 }
 
 // The lsh and dense steps of one shape paired in each iteration (alternating
@@ -472,25 +490,11 @@ void bm_dense(benchmark::State& state, std::int64_t n, int bs) {
 void bm_paired(benchmark::State& state, std::int64_t n, int bs) {
   std::string err;
   Fixture* f = fixture("K10L150", n, Data::kDiffuse, &err);
-  if (f == nullptr) {
-    state.SkipWithError(err.c_str());
+  std::unique_ptr<DenseStep> d = f != nullptr ? std::make_unique<DenseStep>(*f, bs) : nullptr;
+  if (d == nullptr || !d->ok) {
+    state.SkipWithError(f == nullptr ? err.c_str() : "dense plan failed");
     return;
   }
-  std::vector<std::int64_t> ids(bs);
-  std::iota(ids.begin(), ids.end(), 0);
-  PageTable table;
-  PagedKvView kv;
-  (void)f->layer->kv_view(ids, &table, &kv);
-  const DecodeProblem p{bs, kQHeads, kKvHeads, kD, DType::kBF16, DType::kF32, DType::kF32, {}};
-  DenseDecode dense;
-  std::vector<std::byte> ws(DenseDecode::workspace_size(p));
-  DecodePlan plan;
-  if (!dense.plan(p, kv, ws.data(), ws.size(), &plan).is_ok()) {
-    state.SkipWithError("dense plan failed");
-    return;
-  }
-  std::vector<float> o(std::size_t(bs) * kQHeads * kD), lse(std::size_t(bs) * kQHeads);
-  const PartialView out = make_partial_view(o.data(), DType::kF32, lse.data(), bs, kQHeads, kD);
   std::vector<double> lsh_ms, dense_ms;
   int it = 0;
   for (auto _ : state) {
@@ -503,8 +507,7 @@ void bm_paired(benchmark::State& state, std::int64_t n, int bs) {
           make_query_view(f->queries[it % kQueryBatches].data(), DType::kF32, bs, kQHeads, kD);
       if (run_lsh) state.ResumeTiming();
       const auto t0 = std::chrono::steady_clock::now();
-      const Status st = run_lsh ? f->layer->decode(ids, q, out, executor())
-                                : dense.run(plan, q, kv, out, executor());
+      const Status st = run_lsh ? f->layer->decode(d->ids, q, d->out, executor()) : d->run(q);
       const auto t1 = std::chrono::steady_clock::now();
       if (run_lsh) state.PauseTiming();
       if (!st) {
