@@ -484,11 +484,13 @@ namespace {
 // first. The pipeline's prefetches had also started at the first position
 // rather than its line, missing the last line of many buckets.) Every
 // prefetch goes towards L2: on Zen 4 a prefetcht0 holds one of the L1's few
-// miss buffers until its line arrives, and random lines prefetched that way
-// arrive at about half the rate (the sampled kernel's rows with prefetcht0
-// took twice as long); the bounds' prefetcht0 made bs:8 steps at 64K 1-9 %
-// slower than prefetcht1 (six in-process comparisons, alternating every 16
-// steps), bs:1 within noise.
+// miss buffers until its line arrives, so fewer random lines are in flight
+// (a loop summing random 256-byte rows read 4.7-6.7 GB/s on one core with
+// prefetcht0 against 6.5-10.6 with prefetcht1 at the same distances; the
+// sampled kernel's rows with prefetcht0 took about twice as long); the
+// bounds' prefetcht0 made bs:8 steps at 64K 1-9 % slower than prefetcht1
+// (six in-process comparisons, alternating every 16 steps), bs:1 within
+// noise.
 template <class Idx, class Visit>
 void walk_main(const LshTables& t, const std::uint16_t* qcodes, std::int32_t L, std::int32_t gp,
                Scratch& sc, Visit&& hit) {
