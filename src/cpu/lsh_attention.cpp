@@ -581,10 +581,10 @@ void retrieve(const LshTables& t, std::int64_t n, std::int32_t gp, const std::ui
   if (m <= detail::kMaxThermometer) {
     // The hot loop of retrieval: 64 KiB of marks per head at 64K positions.
     // Four entries at a time, all loads before the stores: a bucket's
-    // entries are distinct positions, so no store feeds a load of its group
-    // (the one-at-a-time loop left the core to guess that; inside one
-    // process, alternating every 16 steps, with the native table gather of
-    // the sampled kernel: bs:8 steps at 64K 2-4 % faster, bs:1 within 1 %).
+    // entries are distinct positions, so no store of a group feeds one of
+    // its loads. (Measured together with the sampled kernel's native table
+    // gather, inside one process, alternating every 16 steps: bs:8 steps at
+    // 64K 2-4 % faster, bs:1 within 1 %; eight at a time gained nothing more.)
     std::uint8_t* const marks = sc.marks.data();
     const std::int64_t pitch = stride * 64;
     walk([=](std::int32_t g, const auto* first, const auto* last) {
