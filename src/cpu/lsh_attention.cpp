@@ -696,6 +696,27 @@ struct ExactRows {
   std::int64_t sink, tail_begin, length;
 };
 
+// Task t of B x Hk x passes, passes of up to `width` of the G query heads of
+// a KV head: (sequence, KV head, first query head of the pass, heads in it).
+struct Pass {
+  std::int32_t b, h, g0, gp;
+};
+Pass pass_of(std::int64_t t, std::int32_t Hk, std::int32_t passes, std::int32_t width,
+             std::int32_t G) noexcept {
+  Pass p{};
+  p.b = static_cast<std::int32_t>(t / (std::int64_t{Hk} * passes));
+  p.h = static_cast<std::int32_t>(t / passes % Hk);
+  p.g0 = static_cast<std::int32_t>(t % passes) * width;
+  p.gp = std::min(width, G - p.g0);
+  return p;
+}
+
+// The calling thread's scratch.
+Scratch& thread_scratch(std::vector<Scratch>& scratch) noexcept {
+  const int slot = tbb::this_task_arena::current_thread_index();
+  return scratch[static_cast<std::size_t>(slot < 0 ? 0 : slot)];
+}
+
 // The exact part of (sequence, KV head h) for gp query heads: the sink and
 // the tail through the dense kernel. qf: the queries, natural f32, [gp][D];
 // oe: [gp][D] natural order, normalized; lse_e: [gp].
@@ -822,12 +843,8 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
                            im.step_bits.data());
       return;
     }
-    const int slot = tbb::this_task_arena::current_thread_index();
-    Scratch& sc = im.scratch[static_cast<std::size_t>(slot < 0 ? 0 : slot)];
-    const auto b = static_cast<std::int32_t>(task / (std::int64_t{Hk} * epasses));
-    const auto h = static_cast<std::int32_t>(task / epasses % Hk);
-    const auto g0 = static_cast<std::int32_t>(task % epasses) * kMaxGroupPerPass;
-    const std::int32_t gp = std::min(kMaxGroupPerPass, G - g0);
+    Scratch& sc = thread_scratch(im.scratch);
+    const auto [b, h, g0, gp] = pass_of(task, Hk, epasses, kMaxGroupPerPass, G);
     const Seq& s = *seqs[static_cast<std::size_t>(b)];
     float* qf = sc.qf.data();
     for (std::int32_t g = 0; g < gp; ++g) {
@@ -840,12 +857,8 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   });
 
   executor.parallel_for(items, [&](std::int64_t item) {
-    const int slot = tbb::this_task_arena::current_thread_index();
-    Scratch& sc = im.scratch[static_cast<std::size_t>(slot < 0 ? 0 : slot)];
-    const auto b = static_cast<std::int32_t>(item / (std::int64_t{Hk} * passes));
-    const auto h = static_cast<std::int32_t>(item / passes % Hk);
-    const auto g0 = static_cast<std::int32_t>(item % passes) * gmax;
-    const std::int32_t gp = std::min(gmax, G - g0);
+    Scratch& sc = thread_scratch(im.scratch);
+    const auto [b, h, g0, gp] = pass_of(item, Hk, passes, gmax, G);
     const Seq& s = *seqs[static_cast<std::size_t>(b)];
 
     // Queries of the pass: natural f32, their norms and q.mu.
