@@ -951,7 +951,7 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     float* oe = sc.oe.data();
     float lse_e[kMaxGroupPerPass];
     std::fill_n(lse_e, gp, kNegInf);
-    if (with_exact && exact_first) {
+    if (exact_first) {
       const std::int64_t r = std::int64_t{b} * Hq + h * G + g0;
       std::copy_n(im.step_oe.data() + r * D, std::int64_t{gp} * D, oe);
       std::copy_n(im.step_lse_e.data() + r, gp, lse_e);
