@@ -92,9 +92,9 @@ struct Scratch {
   std::vector<std::uint32_t> ranges;         // [16 L][2]: bucket bounds of a walk
   std::vector<const std::uint32_t*> bounds;  // [16 L]: where each task's bounds are
   std::vector<const void*> pbase;            // [16 L]: each task's table positions
-  // [16][D] each: queries (natural, LSH kernel order, dense kernel order),
-  // accumulator, sampled and exact outputs.
-  std::vector<float, Aligned64<float>> qf, qd, acc, os, oe;
+  // [16][D] each: queries in a kernel's order, accumulator, sampled and exact outputs.
+  std::vector<float, Aligned64<float>> qd, acc, os, oe;
+  float lse_e[kMaxGroupPerPass];             // the exact part's lse2 per head of the pass
   std::vector<float, Aligned64<float>> muk;  // [D]: the head's key mean in kernel order
   std::int64_t cap = 0;                      // positions the per-head arrays have room for
   std::int32_t head_cap = 0;                 // heads of a pass they have room for
@@ -107,7 +107,7 @@ struct Scratch {
   void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L,
                std::int32_t m, std::int32_t heads) {
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
-    for (auto* v : {&qf, &qd, &acc, &os, &oe})
+    for (auto* v : {&qd, &acc, &os, &oe})
       if (v->size() < hd) v->resize(hd);
     if (muk.size() < static_cast<std::size_t>(D)) muk.resize(static_cast<std::size_t>(D));
     if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L) {
@@ -176,7 +176,8 @@ struct LshAttention::Impl {
   std::vector<float> corr;        // -ln(u + eps) at cos = -1 + 2 i / kCorrIntervals
   std::vector<std::int32_t> lsh_natural, lsh_q_natural, dense_natural, dense_q_natural;
   std::vector<Scratch> scratch;
-  // A step's queries as f32 and their sign bits (shared projection only).
+  // A step's queries as natural f32, and their sign bits (shared projection
+  // only).
   std::vector<float, Aligned64<float>> step_q;  // [B Hq][D]
   std::vector<std::uint64_t> step_bits;         // [B Hq][words]
   // A step's exact partials (per-head items): o natural, normalized, and lse2.
@@ -819,10 +820,8 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   constexpr std::int32_t kWordsPerTask = 3;
   const std::int64_t hash_tasks = shared ? (words + kWordsPerTask - 1) / kWordsPerTask : 0;
   try {
-    if (shared) {
-      im.step_q.resize(static_cast<std::size_t>(qrows * D));
-      im.step_bits.resize(static_cast<std::size_t>(qrows * words));
-    }
+    im.step_q.resize(static_cast<std::size_t>(qrows * D));
+    if (shared) im.step_bits.resize(static_cast<std::size_t>(qrows * words));
     if (exact_first) {
       im.step_oe.resize(static_cast<std::size_t>(qrows * D));
       im.step_lse_e.resize(static_cast<std::size_t>(qrows));
@@ -830,12 +829,11 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   } catch (const std::bad_alloc&) {
     return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
   }
-  if (shared)
-    for (std::int64_t r = 0; r < qrows; ++r) {
-      const std::int64_t off = r / Hq * q.stride_batch + r % Hq * q.stride_head;
-      for (std::int32_t d = 0; d < D; ++d)
-        im.step_q[static_cast<std::size_t>(r * D + d)] = load_as_float(q.data, q.dtype, off + d);
-    }
+  for (std::int64_t r = 0; r < qrows; ++r) {
+    const std::int64_t off = r / Hq * q.stride_batch + r % Hq * q.stride_head;
+    for (std::int32_t d = 0; d < D; ++d)
+      im.step_q[static_cast<std::size_t>(r * D + d)] = load_as_float(q.data, q.dtype, off + d);
+  }
   executor.parallel_for(exact_tasks + hash_tasks, [&](std::int64_t task) {
     if (task >= exact_tasks) {
       const auto w0 = static_cast<std::int32_t>(task - exact_tasks) * kWordsPerTask;
@@ -846,14 +844,9 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     Scratch& sc = thread_scratch(im.scratch);
     const auto [b, h, g0, gp] = pass_of(task, Hk, epasses, kMaxGroupPerPass, G);
     const Seq& s = *seqs[static_cast<std::size_t>(b)];
-    float* qf = sc.qf.data();
-    for (std::int32_t g = 0; g < gp; ++g) {
-      const std::int64_t off = b * q.stride_batch + std::int64_t{h * G + g0 + g} * q.stride_head;
-      for (std::int32_t d = 0; d < D; ++d) qf[g * D + d] = load_as_float(q.data, q.dtype, off + d);
-    }
     const std::int64_t r = std::int64_t{b} * Hq + h * G + g0;
-    exact_part(im, {&s.view, s.sink_end, s.indexed_end, s.length}, h, qf, gp, D, scale, sc,
-               im.step_oe.data() + r * D, im.step_lse_e.data() + r);
+    exact_part(im, {&s.view, s.sink_end, s.indexed_end, s.length}, h, im.step_q.data() + r * D, gp,
+               D, scale, sc, im.step_oe.data() + r * D, im.step_lse_e.data() + r);
   });
 
   executor.parallel_for(items, [&](std::int64_t item) {
@@ -862,16 +855,14 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     const Seq& s = *seqs[static_cast<std::size_t>(b)];
 
     // Queries of the pass: natural f32, their norms and q.mu.
-    float* qf = sc.qf.data();
+    const float* qf = im.step_q.data() + (std::int64_t{b} * Hq + h * G + g0) * D;
     float qn[kMaxGroupPerPass], qmu[kMaxGroupPerPass];
     std::uint16_t* qcodes = sc.qcodes.data();
     const float* mu = s.mu.data() + std::int64_t{h} * D;
     for (std::int32_t g = 0; g < gp; ++g) {
-      const std::int64_t off = b * q.stride_batch + std::int64_t{h * G + g0 + g} * q.stride_head;
       double n2 = 0.0, dm = 0.0;
       for (std::int32_t d = 0; d < D; ++d) {
-        const float x = load_as_float(q.data, q.dtype, off + d);
-        qf[g * D + d] = x;
+        const float x = qf[g * D + d];
         n2 += double{x} * x;
         dm += double{x} * mu[d];
       }
@@ -947,17 +938,18 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     }
 
     // Exact part: sink and tail through the dense kernel (per-head items:
-    // computed per KV head before the items, in step_oe).
-    float* oe = sc.oe.data();
-    float lse_e[kMaxGroupPerPass];
-    std::fill_n(lse_e, gp, kNegInf);
+    // computed per KV head before the items, read from step_oe).
+    const float* oe = sc.oe.data();
+    const float* lse_e = sc.lse_e;
     if (exact_first) {
       const std::int64_t r = std::int64_t{b} * Hq + h * G + g0;
-      std::copy_n(im.step_oe.data() + r * D, std::int64_t{gp} * D, oe);
-      std::copy_n(im.step_lse_e.data() + r, gp, lse_e);
+      oe = im.step_oe.data() + r * D;
+      lse_e = im.step_lse_e.data() + r;
     } else if (with_exact) {
-      exact_part(im, {&s.view, s.sink_end, s.indexed_end, s.length}, h, qf, gp, D, scale, sc, oe,
-                 lse_e);
+      exact_part(im, {&s.view, s.sink_end, s.indexed_end, s.length}, h, qf, gp, D, scale, sc,
+                 sc.oe.data(), sc.lse_e);
+    } else {
+      std::fill_n(sc.lse_e, gp, kNegInf);
     }
 
     for (std::int32_t g = 0; g < gp; ++g) {
