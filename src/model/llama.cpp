@@ -79,18 +79,22 @@ StageScratch& StageScratch::operator=(StageScratch&&) noexcept = default;
 void linear_forward(const Linear& w, const float* x, std::int64_t num_tokens, float* y,
                     StageScratch& scratch, const CpuExecutor& executor) {
   const std::int64_t in = w.in_features, out = w.out_features;
-  if (num_tokens <= detail::kGemvMaxTokens && cpu_isa_default() == CpuIsa::kAvx512) {
-    // Few tokens: bound by reading W; the fused kernel reads it once, as stored.
+  if (num_tokens <= detail::kGemvMaxTokens) {
+    // Few tokens: bound by reading W; the fused kernel reads it once, as
+    // stored, and computes each token's row the same way whatever the batch.
+    const CpuIsa isa = cpu_isa_default();
+    const auto gemv = isa == CpuIsa::kAvx512 ? detail::gemv_rows_avx512
+                      : isa == CpuIsa::kAvx2 ? detail::gemv_rows_avx2
+                                             : detail::gemv_rows_scalar;
     constexpr std::int64_t kRows = 32;
     executor.parallel_for((out + kRows - 1) / kRows, [&](std::int64_t t) {
-      detail::gemv_rows_avx512(w.weight, w.dtype, in, t * kRows, std::min(out, (t + 1) * kRows), x,
-                               num_tokens, y, out);
+      gemv(w.weight, w.dtype, in, t * kRows, std::min(out, (t + 1) * kRows), x, num_tokens, y, out);
     });
     return;
   }
-  // Decode (few tokens) is bound by reading W: small tiles spread it over all
-  // threads. Prefill reuses each tile for many tokens: larger tiles.
-  const std::int64_t rows = num_tokens <= 16 ? 16 : 128;
+  // Prefill reuses each weight tile for many tokens: widen a tile of 128 rows
+  // once and let Eigen's GEMM run over all tokens.
+  const std::int64_t rows = 128;
   const std::int64_t tiles = (out + rows - 1) / rows;
   const std::size_t elem = size_of(w.dtype);
   const Eigen::Map<const RowMatrix> xm(x, num_tokens, in);
