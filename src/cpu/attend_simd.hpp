@@ -92,6 +92,15 @@ struct SimdOps<xsimd::fma3<xsimd::avx2>> {
 };
 #endif
 
+// Makes the compiler materialize x in a register here (an empty asm that
+// "modifies" it), so later uses share one load instead of each folding its own.
+template <class Batch>
+inline void in_register(Batch& x) noexcept {
+  typename Batch::register_type r = x;
+  asm volatile("" : "+x"(r));
+  x = r;
+}
+
 // Widening loads of one row in kernel order: load(row, i, out) fills
 // kVecs vectors for load index i (0 .. D / (W * kVecs) - 1).
 template <class A, class KvT>
@@ -153,14 +162,25 @@ struct SimdAttend {
   static constexpr int kNV = D / W;                 // f32 vectors per row
   static constexpr int kLoads = kNV / Load::kVecs;  // loads per row
   // V vectors per head kept in registers while a block's rows stream by, and
-  // heads per V tile: 16 accumulators in all (with 32 registers).
-  static constexpr int kSlice = kNV < kSliceMax ? kNV : kSliceMax;
+  // heads per V tile: 16 accumulators in all with 32 registers (AVX-512), 8
+  // with 16 (AVX2: 4 heads x 2 vectors, so each V vector is loaded and
+  // widened once per block and the tile, its V vectors and the broadcast
+  // weights fit; 4 heads x 8 vectors spilled every accumulator).
+  static constexpr int kSlice = W == 16 ? (kNV < kSliceMax ? kNV : kSliceMax) : 2;
   static constexpr int kHeadTile = W == 16 ? (16 / kSlice < 4 ? 16 / kSlice : 4) : 4;
   // With 32 vector registers the score phase keeps whole query rows in
   // registers (no reload of q per key row): as many heads as fit in 16.
   static constexpr bool kQInRegs = W == 16;
   static constexpr int kScoreTile =
       kQInRegs ? (16 / kNV > 4 ? 4 : (16 / kNV < 1 ? 1 : 16 / kNV)) : kHeadTile;
+  // K rows scored together by a score tile: with 16 registers two rows share
+  // each load of q (from L1) and give 2 * kScoreTile independent FMA chains.
+  static constexpr int kScoreRows = kQInRegs ? 1 : 2;
+  // With 16 registers a value pass is 8 FMAs per row: the ahead block's V
+  // lines are prefetched by the score passes instead, whose rows carry more
+  // work, so the value rows stay a straight run of loads and FMAs (Zen 3,
+  // values alone from L2: 20.6 -> 14.6 ns per KV head-row).
+  static constexpr bool kVAheadInScores = W == 8;
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
   static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
@@ -316,7 +336,15 @@ struct SimdAttend {
     std::ptrdiff_t koff, voff;  // byte offset of this head's rows
     int n;                      // rows of the call
     const float* kmu;           // [D], kernel order: Scores::kKeyNorm only
+    // The ahead block's lines each score pass and each value pass prefetch,
+    // computed once per call (a division each: per pass and block, the
+    // divisions cost AVX2's 8-row blocks a fifth of their time).
+    const typename Ahead::Span* kspans;
+    const typename Ahead::Span* vspans;
   };
+  static constexpr int kMaxScorePasses = (kMaxGroupPerPass + kScoreTile - 1) / kScoreTile;
+  static constexpr int kMaxValuePasses =
+      (kMaxGroupPerPass + kHeadTile - 1) / kHeadTile * (kNV / kSlice);
 
   // Scores of rows [t0, t0 + nb) for query heads [h0, h0 + HT): dots[h][t]
   // holds the W-lane partial products of row t, reduced later.
@@ -329,54 +357,84 @@ struct SimdAttend {
 
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W],
-                         float (*ndots)[W], const Ahead& ahead, int G) noexcept {
-    const typename Ahead::Span lines = Ahead::span(h0 / kScoreTile, score_passes(G));
-    const float* q = hd.q + h0 * D;
+                         float (*ndots)[W], const Ahead& ahead) noexcept {
+    const typename Ahead::Span lines = hd.kspans[h0 / kScoreTile];
     // With 32 registers the tile's query rows are loaded once, not per row.
     constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
     B qr[kRegs ? HT : 1][kRegs ? kNV : 1];
     if constexpr (kRegs)
       for (int h = 0; h < HT; ++h)
-        for (int i = 0; i < kNV; ++i) qr[h][i] = B::load_aligned(q + h * D + i * W);
+        for (int i = 0; i < kNV; ++i) qr[h][i] = B::load_aligned(hd.q + (h0 + h) * D + i * W);
+    int t = 0;
+    if constexpr (kScoreRows > 1)
+      for (; t + kScoreRows <= nb; t += kScoreRows)
+        score_rows<HT, kScoreRows, kRegs>(hd, t0, t, h0, dots, ndots, ahead, lines, qr);
+    for (; t < nb; ++t) score_rows<HT, 1, kRegs>(hd, t0, t, h0, dots, ndots, ahead, lines, qr);
+  }
+
+  // Rows [t, t + R) of the block at t0: dots[h][t + r] = the W-lane partial
+  // products of row t + r with query head h0 + h. With kRegs the tile's query
+  // rows are in qr, else they are read from L1.
+  template <int HT, int R, bool kRegs>
+  static void score_rows(const Head& hd, int t0, int t, int h0, float (*dots)[W][W],
+                         float (*ndots)[W], const Ahead& ahead, typename Ahead::Span lines,
+                         const B (&qr)[kRegs ? HT : 1][kRegs ? kNV : 1]) noexcept {
+    const float* q = hd.q + h0 * D;
     auto q_at = [&](int h, int vi) {
       if constexpr (kRegs)
         return qr[h][vi];
       else
         return B::load_aligned(q + h * D + vi * W);
     };
-    for (int t = 0; t < nb; ++t) {
+    const std::byte* krow[R];
+    for (int r = 0; r < R; ++r) {
       // Gathered rows (random addresses): one row kAheadRows ahead per row,
       // every line of it, towards L2 (locality 2).
       if constexpr (Scores::kRowPrefetch)
-        if (h0 == 0 && t0 + t + kAheadRows < hd.n) {
+        if (h0 == 0 && t0 + t + r + kAheadRows < hd.n) {
           for (int c = 0; c < kLinesPerRow; ++c) {
-            prefetch_l2(hd.k[t0 + t + kAheadRows] + hd.koff + 64 * c);
-            prefetch_l2(hd.v[t0 + t + kAheadRows] + hd.voff + 64 * c);
+            prefetch_l2(hd.k[t0 + t + r + kAheadRows] + hd.koff + 64 * c);
+            prefetch_l2(hd.v[t0 + t + r + kAheadRows] + hd.voff + 64 * c);
           }
         }
-      ahead.k_lines(t, lines);
-      B acc[HT];
-      for (int h = 0; h < HT; ++h) acc[h] = B(0.0f);
-      // |k - mu|^2 in W lanes, once per row (the first tile).
-      constexpr bool kNorm = Scores::kKeyNorm;
-      B nacc(0.0f);
-      const std::byte* krow = hd.k[t0 + t] + hd.koff;
-      for (int i = 0; i < kLoads; ++i) {
-        B kv[Load::kVecs];
-        Load::load(krow, i, kv);
-        for (int j = 0; j < Load::kVecs; ++j) {
-          for (int h = 0; h < HT; ++h)
-            acc[h] = xsimd::fma(kv[j], q_at(h, i * Load::kVecs + j), acc[h]);
-          if constexpr (kNorm)
-            if (h0 == 0) {
-              const B dv = kv[j] - B::load_aligned(hd.kmu + (i * Load::kVecs + j) * W);
-              nacc = xsimd::fma(dv, dv, nacc);
-            }
+      ahead.k_lines(t + r, lines);
+      if constexpr (kVAheadInScores) ahead.v_lines(t + r, lines);
+      krow[r] = hd.k[t0 + t + r] + hd.koff;
+    }
+    B acc[R][HT];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < HT; ++h) acc[r][h] = B(0.0f);
+    // |k - mu|^2 in W lanes, once per row (the first tile).
+    constexpr bool kNorm = Scores::kKeyNorm;
+    B nacc[R];
+    for (int r = 0; r < R; ++r) nacc[r] = B(0.0f);
+    for (int i = 0; i < kLoads; ++i) {
+      B kv[R][Load::kVecs];
+      for (int r = 0; r < R; ++r) Load::load(krow[r], i, kv[r]);
+      for (int j = 0; j < Load::kVecs; ++j) {
+        for (int h = 0; h < HT; ++h) {
+          B qv = q_at(h, i * Load::kVecs + j);
+          // GCC would fold this load into each of the R FMAs (R loads of q
+          // instead of one); with 16 registers the loads, not the FMAs,
+          // then bound the tile (AVX2 kernel from L2: 51 -> 47 ns per KV
+          // head-row with the barrier).
+          if constexpr (!kRegs && R > 1) in_register(qv);
+          for (int r = 0; r < R; ++r) acc[r][h] = xsimd::fma(kv[r][j], qv, acc[r][h]);
         }
+        if constexpr (kNorm)
+          if (h0 == 0) {
+            const B mu = B::load_aligned(hd.kmu + (i * Load::kVecs + j) * W);
+            for (int r = 0; r < R; ++r) {
+              const B dv = kv[r][j] - mu;
+              nacc[r] = xsimd::fma(dv, dv, nacc[r]);
+            }
+          }
       }
-      for (int h = 0; h < HT; ++h) acc[h].store_aligned(dots[h0 + h][t]);
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int h = 0; h < HT; ++h) acc[r][h].store_aligned(dots[h0 + h][t + r]);
       if constexpr (kNorm)
-        if (h0 == 0) nacc.store_aligned(ndots[t]);
+        if (h0 == 0) nacc[r].store_aligned(ndots[t + r]);
     }
   }
 
@@ -385,19 +443,17 @@ struct SimdAttend {
   // in registers while the block's V rows stream by.
   template <int HT>
   static void value_tile(const Head& hd, int t0, int nb, int h0, const float (*p)[W],
-                         const float* alpha, const Ahead& ahead, int G) noexcept {
-    const int parts = value_passes(G);
+                         const float* alpha, const Ahead& ahead) noexcept {
     for (int s0 = 0; s0 < kNV; s0 += kSlice) {
-      const typename Ahead::Span lines =
-          Ahead::span(h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice, parts);
+      const typename Ahead::Span lines = hd.vspans[h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice];
       B acc[HT][kSlice];
       for (int h = 0; h < HT; ++h) {
         const B al(alpha[h0 + h]);
         for (int j = 0; j < kSlice; ++j)
           acc[h][j] = B::load_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W) * al;
       }
-      for (int t = 0; t < nb; ++t) {
-        ahead.v_lines(t, lines);
+      auto row = [&](int t) {
+        if constexpr (!kVAheadInScores) ahead.v_lines(t, lines);
         B vv[kSlice];
         for (int j = 0; j < kSlice; j += Load::kVecs)
           Load::load(hd.v[t0 + t] + hd.voff, (s0 + j) / Load::kVecs, vv + j);
@@ -405,11 +461,26 @@ struct SimdAttend {
           const B ph(p[h0 + h][t]);
           for (int j = 0; j < kSlice; ++j) acc[h][j] = xsimd::fma(ph, vv[j], acc[h][j]);
         }
+      };
+      if constexpr (W == 8) {
+        // 16 registers: a pass holds only 8 FMAs per row, so a full block's
+        // rows are unrolled (no loop and bound per row).
+        if (nb == W) {
+          for (int t = 0; t < W; ++t) row(t);
+          store_acc(hd, h0, s0, acc);
+          continue;
+        }
       }
-      for (int h = 0; h < HT; ++h)
-        for (int j = 0; j < kSlice; ++j)
-          acc[h][j].store_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W);
+      for (int t = 0; t < nb; ++t) row(t);
+      store_acc(hd, h0, s0, acc);
     }
+  }
+
+  template <int HT>
+  static void store_acc(const Head& hd, int h0, int s0, const B (&acc)[HT][kSlice]) noexcept {
+    for (int h = 0; h < HT; ++h)
+      for (int j = 0; j < kSlice; ++j)
+        acc[h][j].store_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W);
   }
 
   // Calls f(std::integral_constant<int, HT>, h0) over tiles of up to Tile
@@ -443,15 +514,27 @@ struct SimdAttend {
       lsum[i] = B::load_aligned(l0);
     }
 
+    typename Ahead::Span kspans[kMaxScorePasses], vspans[kMaxValuePasses];
+    for (int i = 0, n = score_passes(G); i < n; ++i) kspans[i] = Ahead::span(i, n);
+    for (int i = 0, n = value_passes(G); i < n; ++i) vspans[i] = Ahead::span(i, n);
+
     Block blk;
     for (Walk w(a, !Scores::kRowPrefetch); w.next(blk);) {
       const int hk = blk.hk, t0 = blk.t0, nb = blk.nb;
-      const Head hd{a.q + hk * G * D,     a.acc + hk * G * D,   a.k, a.v,
-                    hk * a.k_head_stride, hk * a.v_head_stride, a.n, Scores::key_mean(a)};
+      const Head hd{a.q + hk * G * D,
+                    a.acc + hk * G * D,
+                    a.k,
+                    a.v,
+                    hk * a.k_head_stride,
+                    hk * a.v_head_stride,
+                    a.n,
+                    Scores::key_mean(a),
+                    kspans,
+                    vspans};
       float* mh = m + hk * G;
       B* lh = lsum + hk * G;
       for_each_tile<kScoreTile>(G, [&](auto ht, int h0) {
-        score_tile<ht.value>(hd, t0, nb, h0, dots, ndots, blk.ahead, G);
+        score_tile<ht.value>(hd, t0, nb, h0, dots, ndots, blk.ahead);
       });
       B kn(0.0f);
       if constexpr (Scores::kKeyNorm) {
@@ -465,9 +548,8 @@ struct SimdAttend {
         pv.store_aligned(p[h]);
         lh[h] = lh[h] + pv;
       }
-      for_each_tile<kHeadTile>(G, [&](auto ht, int h0) {
-        value_tile<ht.value>(hd, t0, nb, h0, p, alpha, blk.ahead, G);
-      });
+      for_each_tile<kHeadTile>(
+          G, [&](auto ht, int h0) { value_tile<ht.value>(hd, t0, nb, h0, p, alpha, blk.ahead); });
     }
     for (int i = 0; i < NG; ++i) {
       a.m[i] = m[i];
