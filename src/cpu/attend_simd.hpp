@@ -445,7 +445,7 @@ struct SimdAttend {
   static void value_tile(const Head& hd, int t0, int nb, int h0, const float (*p)[W],
                          const float* alpha, const Ahead& ahead) noexcept {
     for (int s0 = 0; s0 < kNV; s0 += kSlice) {
-      const typename Ahead::Span lines = hd.vspans[h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice];
+      const int pass = h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice;
       B acc[HT][kSlice];
       for (int h = 0; h < HT; ++h) {
         const B al(alpha[h0 + h]);
@@ -453,7 +453,7 @@ struct SimdAttend {
           acc[h][j] = B::load_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W) * al;
       }
       auto row = [&](int t) {
-        if constexpr (!kVAheadInScores) ahead.v_lines(t, lines);
+        if constexpr (!kVAheadInScores) ahead.v_lines(t, hd.vspans[pass]);
         B vv[kSlice];
         for (int j = 0; j < kSlice; j += Load::kVecs)
           Load::load(hd.v[t0 + t] + hd.voff, (s0 + j) / Load::kVecs, vv + j);
@@ -462,25 +462,16 @@ struct SimdAttend {
           for (int j = 0; j < kSlice; ++j) acc[h][j] = xsimd::fma(ph, vv[j], acc[h][j]);
         }
       };
-      if constexpr (W == 8) {
-        // 16 registers: a pass holds only 8 FMAs per row, so a full block's
-        // rows are unrolled (no loop and bound per row).
-        if (nb == W) {
-          for (int t = 0; t < W; ++t) row(t);
-          store_acc(hd, h0, s0, acc);
-          continue;
-        }
-      }
-      for (int t = 0; t < nb; ++t) row(t);
-      store_acc(hd, h0, s0, acc);
+      // With 16 registers a pass holds only 8 FMAs per row: a full block's
+      // rows are unrolled (a constant trip count, no loop bound per row).
+      if (W == 8 && nb == W)
+        for (int t = 0; t < W; ++t) row(t);
+      else
+        for (int t = 0; t < nb; ++t) row(t);
+      for (int h = 0; h < HT; ++h)
+        for (int j = 0; j < kSlice; ++j)
+          acc[h][j].store_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W);
     }
-  }
-
-  template <int HT>
-  static void store_acc(const Head& hd, int h0, int s0, const B (&acc)[HT][kSlice]) noexcept {
-    for (int h = 0; h < HT; ++h)
-      for (int j = 0; j < kSlice; ++j)
-        acc[h][j].store_aligned(hd.acc + (h0 + h) * D + (s0 + j) * W);
   }
 
   // Calls f(std::integral_constant<int, HT>, h0) over tiles of up to Tile
@@ -516,7 +507,8 @@ struct SimdAttend {
 
     typename Ahead::Span kspans[kMaxScorePasses], vspans[kMaxValuePasses];
     for (int i = 0, n = score_passes(G); i < n; ++i) kspans[i] = Ahead::span(i, n);
-    for (int i = 0, n = value_passes(G); i < n; ++i) vspans[i] = Ahead::span(i, n);
+    if constexpr (!kVAheadInScores)
+      for (int i = 0, n = value_passes(G); i < n; ++i) vspans[i] = Ahead::span(i, n);
 
     Block blk;
     for (Walk w(a, !Scores::kRowPrefetch); w.next(blk);) {

@@ -37,7 +37,7 @@ struct Avx2 {
   template <DType kDtype>
   static Reg load_w_tail(const unsigned char* row, std::int64_t i, int n) noexcept {
     alignas(32) unsigned char buf[32] = {};
-    constexpr std::int64_t kBytes = kDtype == DType::kF32 ? 4 : 2;
+    constexpr std::int64_t kBytes = gemv::kElemBytes<kDtype>;
     std::memcpy(buf, row + kBytes * i, static_cast<std::size_t>(n * kBytes));
     return load_w<kDtype>(buf, 0);
   }
