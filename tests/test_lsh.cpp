@@ -833,12 +833,36 @@ TEST_CASE("lsh: incremental insertion gives the tables of a full rebuild", "[lsh
     REQUIRE(s == brute_force_sampled(layer, 100, i % 4, queries.back().data()));
     before.push_back(s);
   }
+  // Decode walks the side tables too (its retrieval is not sampled_positions').
+  for (bool merged : {true, false})
+    check_decode_against_reference(layer, rng, merged, DType::kF32, DType::kF32,
+                                   lsh_output_tolerance(DType::kF32),
+                                   std::string("after appends, per head") + seed_note());
   REQUIRE(layer.attn->rebuild_index(100, shared_executor()).is_ok());
   for (int i = 0; i < 16; ++i) {
     std::vector<std::int64_t> s;
     REQUIRE(layer.attn->sampled_positions(100, i % 4, queries[i].data(), &s).is_ok());
     CHECK(s == before[i]);
   }
+
+  // The union gather over side tables: two sequences, one with appends.
+  cfg.gather = LshConfig::Gather::kUnion;
+  LshLayer grouped = make_layer(cfg, 8, 2, 64, DType::kBF16, {1500, 700}, rng);
+  for (int step = 0; step < 300; ++step) {
+    std::vector<float> k = normals(rng, 2 * 64), v = normals(rng, 2 * 64);
+    round_to(k, DType::kBF16);
+    round_to(v, DType::kBF16);
+    const auto kb = encode(k, DType::kBF16), vb = encode(v, DType::kBF16);
+    REQUIRE(grouped.attn->append(101, kb.data(), vb.data(), 1).is_ok());
+    auto& ks = grouped.k[101];
+    ks.insert(ks.end(), k.begin(), k.end());
+    auto& vs = grouped.v[101];
+    vs.insert(vs.end(), v.begin(), v.end());
+  }
+  for (bool merged : {true, false})
+    check_decode_against_reference(grouped, rng, merged, DType::kF32, DType::kF32,
+                                   lsh_output_tolerance(DType::kF32),
+                                   std::string("after appends, union") + seed_note());
 }
 
 TEST_CASE("lsh: results are bitwise identical on any thread count", "[lsh][determinism]") {
