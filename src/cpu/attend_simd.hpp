@@ -184,11 +184,15 @@ struct SimdAttend {
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
   static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
-  // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead:
-  // three blocks (measured at 64K tokens, one query head per call: 1 block
-  // 2.3-2.6 ms per step, 2-4 blocks 1.6-2.0; every other line only was worse
-  // once each row carried less arithmetic).
-  static constexpr int kAheadRows = 3 * W;
+  // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead.
+  // AVX-512: three blocks (Zen 4, 64K tokens, one query head per call: 1
+  // block 2.3-2.6 ms per step, 2-4 blocks 1.6-2.0; every other line only was
+  // worse once each row carried less arithmetic). AVX2: one block (Zen 3,
+  // the sampled rows of a bs:1 step at 64K on both cores, the distances
+  // alternating in one process, medians in ms: 4, 8, 16, 24, 40, 64 rows
+  // 1.96, 1.98, 2.03, 2.04, 2.06, 2.17; another run 4, 6, 8, 24 rows 2.36,
+  // 2.24, 2.31, 2.41. Further ahead, more prefetches wait for a miss buffer).
+  static constexpr int kAheadRows = W == 8 ? W : 3 * W;
 
   // K and V rows [from, to) of KV head hk towards L2: the first rows of a
   // gathered-row call (Scores::kRowPrefetch), before its first block. (Towards
