@@ -58,6 +58,22 @@ LshLayer make_layer(const LshConfig& cfg, std::int32_t Hq, std::int32_t Hk, std:
   return layer;
 }
 
+// Appends `steps` generated tokens (bf16 KV, 2 KV heads of 64) to sequence
+// `id`, one per call, keeping the layer's f32 copy in step.
+void append_tokens(LshLayer& layer, std::int64_t id, int steps, std::mt19937_64& rng) {
+  for (int step = 0; step < steps; ++step) {
+    std::vector<float> k = normals(rng, 2 * 64), v = normals(rng, 2 * 64);
+    round_to(k, DType::kBF16);
+    round_to(v, DType::kBF16);
+    const auto kb = encode(k, DType::kBF16), vb = encode(v, DType::kBF16);
+    REQUIRE(layer.attn->append(id, kb.data(), vb.data(), 1).is_ok());
+    auto& ks = layer.k[id];
+    ks.insert(ks.end(), k.begin(), k.end());
+    auto& vs = layer.v[id];
+    vs.insert(vs.end(), v.begin(), v.end());
+  }
+}
+
 std::vector<std::int64_t> seq_ids(std::size_t n) {
   std::vector<std::int64_t> ids(n);
   std::iota(ids.begin(), ids.end(), 100);
@@ -806,17 +822,7 @@ TEST_CASE("lsh: incremental insertion gives the tables of a full rebuild", "[lsh
   LshConfig cfg = config(8, 40);
   cfg.max_exact_tail = 96;
   LshLayer layer = make_layer(cfg, 4, 2, 64, DType::kBF16, {2000}, rng);
-  for (int step = 0; step < 700; ++step) {
-    std::vector<float> k = normals(rng, 2 * 64), v = normals(rng, 2 * 64);
-    round_to(k, DType::kBF16);
-    round_to(v, DType::kBF16);
-    const auto kb = encode(k, DType::kBF16), vb = encode(v, DType::kBF16);
-    REQUIRE(layer.attn->append(100, kb.data(), vb.data(), 1).is_ok());
-    auto& ks = layer.k[100];
-    ks.insert(ks.end(), k.begin(), k.end());
-    auto& vs = layer.v[100];
-    vs.insert(vs.end(), v.begin(), v.end());
-  }
+  append_tokens(layer, 100, 700, rng);
   LshPartition part;
   REQUIRE(layer.attn->partition(100, &part).is_ok());
   CHECK(part.length == 2700);
@@ -848,17 +854,7 @@ TEST_CASE("lsh: incremental insertion gives the tables of a full rebuild", "[lsh
   // The union gather over side tables: two sequences, one with appends.
   cfg.gather = LshConfig::Gather::kUnion;
   LshLayer grouped = make_layer(cfg, 8, 2, 64, DType::kBF16, {1500, 700}, rng);
-  for (int step = 0; step < 300; ++step) {
-    std::vector<float> k = normals(rng, 2 * 64), v = normals(rng, 2 * 64);
-    round_to(k, DType::kBF16);
-    round_to(v, DType::kBF16);
-    const auto kb = encode(k, DType::kBF16), vb = encode(v, DType::kBF16);
-    REQUIRE(grouped.attn->append(101, kb.data(), vb.data(), 1).is_ok());
-    auto& ks = grouped.k[101];
-    ks.insert(ks.end(), k.begin(), k.end());
-    auto& vs = grouped.v[101];
-    vs.insert(vs.end(), v.begin(), v.end());
-  }
+  append_tokens(grouped, 101, 300, rng);
   for (bool merged : {true, false})
     check_decode_against_reference(grouped, rng, merged, DType::kF32, DType::kF32,
                                    lsh_output_tolerance(DType::kF32),
