@@ -839,7 +839,8 @@ TEST_CASE("lsh: incremental insertion gives the tables of a full rebuild", "[lsh
     REQUIRE(s == brute_force_sampled(layer, 100, i % 4, queries.back().data()));
     before.push_back(s);
   }
-  // Decode walks the side tables too (its retrieval is not sampled_positions').
+  // Decode over the side tables against the double reference (the sets above
+  // were checked through sampled_positions() only).
   for (bool merged : {true, false})
     check_decode_against_reference(layer, rng, merged, DType::kF32, DType::kF32,
                                    lsh_output_tolerance(DType::kF32),
