@@ -58,14 +58,16 @@ LshLayer make_layer(const LshConfig& cfg, std::int32_t Hq, std::int32_t Hk, std:
   return layer;
 }
 
-// Appends `steps` generated tokens (bf16 KV, 2 KV heads of 64) to sequence
-// `id`, one per call, keeping the layer's f32 copy in step.
+// Appends `steps` generated tokens to sequence `id`, one per call, keeping
+// the layer's f32 copy in step.
 void append_tokens(LshLayer& layer, std::int64_t id, int steps, std::mt19937_64& rng) {
+  const auto row = static_cast<std::size_t>(layer.shape.num_kv_heads) * layer.shape.head_dim;
+  const DType kv = layer.shape.kv_dtype;
   for (int step = 0; step < steps; ++step) {
-    std::vector<float> k = normals(rng, 2 * 64), v = normals(rng, 2 * 64);
-    round_to(k, DType::kBF16);
-    round_to(v, DType::kBF16);
-    const auto kb = encode(k, DType::kBF16), vb = encode(v, DType::kBF16);
+    std::vector<float> k = normals(rng, row), v = normals(rng, row);
+    round_to(k, kv);
+    round_to(v, kv);
+    const auto kb = encode(k, kv), vb = encode(v, kv);
     REQUIRE(layer.attn->append(id, kb.data(), vb.data(), 1).is_ok());
     auto& ks = layer.k[id];
     ks.insert(ks.end(), k.begin(), k.end());

@@ -196,7 +196,7 @@ struct SimdAttend {
 
   // K and V rows [from, to) of KV head hk towards L2: the first rows of a
   // gathered-row call (Scores::kRowPrefetch), before its first block. (Towards
-  // L1 this burst of 3 W rows' lines overflowed the L1's miss buffers; LSH
+  // L1 a burst of 3 W rows' lines overflowed the L1's miss buffers; LSH
   // step at 64K, two batches of six alternating runs, medians: bs:1 1.48 and
   // 1.56 ms against 1.64 and 1.58, bs:8 11.6 and 11.2 against 11.7 and 12.7.)
   static void prefetch_head(const AttendArgs& a, int hk, int from, int to) noexcept {
