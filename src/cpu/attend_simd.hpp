@@ -184,27 +184,30 @@ struct SimdAttend {
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
   static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
-  // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead.
-  // AVX-512: three blocks (Zen 4, 64K tokens, one query head per call: 1
-  // block 2.3-2.6 ms per step, 2-4 blocks 1.6-2.0; every other line only was
-  // worse once each row carried less arithmetic). AVX2: one block (Zen 3,
-  // the sampled rows of a bs:1 step at 64K on both cores, the distances
-  // alternating in one process, medians in ms: 4, 8, 16, 24, 40, 64 rows
-  // 1.96, 1.98, 2.03, 2.04, 2.06, 2.17; another run 4, 6, 8, 24 rows 2.36,
-  // 2.24, 2.31, 2.41. Further ahead, more prefetches wait for a miss buffer).
-  static constexpr int kAheadRows = W == 8 ? W : 3 * W;
+  // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead: K
+  // rows kAheadK ahead, V rows kAheadV ahead. AVX-512: three blocks for both
+  // (Zen 4, 64K tokens, one query head per call: 1 block 2.3-2.6 ms per step,
+  // 2-4 blocks 1.6-2.0; every other line only was worse once each row carried
+  // less arithmetic). AVX2 (Zen 3, a bs:1 step's sampled rows at 64K on both
+  // cores, variants alternating in one process over the same row sets, ms):
+  // one distance for both was best near one block (4, 8, 16, 24, 40, 64 rows:
+  // 1.96, 1.98, 2.03, 2.04, 2.06, 2.17), and K closer with V further was
+  // 3-8 % faster than 8 / 8 (6 / 16: 2.35-2.43 against 2.54-2.64 ms); the V
+  // rows are used after the whole block's K rows. In whole steps of
+  // bench_lsh about 1 % (docs/lsh.md, session 13).
+  static constexpr int kAheadK = W == 8 ? 6 : 3 * W;
+  static constexpr int kAheadV = W == 8 ? 2 * W : 3 * W;
 
-  // K and V rows [from, to) of KV head hk towards L2: the first rows of a
+  // The first k_rows K rows and v_rows V rows of KV head hk towards L2: a
   // gathered-row call (Scores::kRowPrefetch), before its first block. (Towards
   // L1 a burst of 3 W rows' lines overflowed the L1's miss buffers; LSH
   // step at 64K, two batches of six alternating runs, medians: bs:1 1.48 and
   // 1.56 ms against 1.64 and 1.58, bs:8 11.6 and 11.2 against 11.7 and 12.7.)
-  static void prefetch_head(const AttendArgs& a, int hk, int from, int to) noexcept {
-    for (int r = from; r < to; ++r)
-      for (int c = 0; c < kLinesPerRow; ++c) {
-        prefetch_l2(a.k[r] + hk * a.k_head_stride + 64 * c);
-        prefetch_l2(a.v[r] + hk * a.v_head_stride + 64 * c);
-      }
+  static void prefetch_head(const AttendArgs& a, int hk, int k_rows, int v_rows) noexcept {
+    for (int r = 0; r < k_rows; ++r)
+      for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(a.k[r] + hk * a.k_head_stride + 64 * c);
+    for (int r = 0; r < v_rows; ++r)
+      for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(a.v[r] + hk * a.v_head_stride + 64 * c);
   }
 
   // Blocks the streamed rows are prefetched ahead, in walk order: 8 KiB of K
@@ -392,14 +395,15 @@ struct SimdAttend {
     };
     const std::byte* krow[R];
     for (int r = 0; r < R; ++r) {
-      // Gathered rows (random addresses): one row kAheadRows ahead per row,
-      // every line of it, towards L2 (locality 2).
+      // Gathered rows (random addresses): per row computed, the K row
+      // kAheadK ahead and the V row kAheadV ahead, every line, towards L2.
       if constexpr (Scores::kRowPrefetch)
-        if (h0 == 0 && t0 + t + r + kAheadRows < hd.n) {
-          for (int c = 0; c < kLinesPerRow; ++c) {
-            prefetch_l2(hd.k[t0 + t + r + kAheadRows] + hd.koff + 64 * c);
-            prefetch_l2(hd.v[t0 + t + r + kAheadRows] + hd.voff + 64 * c);
-          }
+        if (h0 == 0) {
+          const int tk = t0 + t + r + kAheadK, tv = t0 + t + r + kAheadV;
+          if (tk < hd.n)
+            for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(hd.k[tk] + hd.koff + 64 * c);
+          if (tv < hd.n)
+            for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(hd.v[tv] + hd.voff + 64 * c);
         }
       ahead.k_lines(t + r, lines);
       if constexpr (kVAheadInScores) ahead.v_lines(t + r, lines);
@@ -495,8 +499,8 @@ struct SimdAttend {
 
   static void run(const AttendArgs& a) noexcept {
     const int G = a.G, NG = a.NH * a.G;
-    if constexpr (Scores::kRowPrefetch)  // the first kAheadRows rows
-      prefetch_head(a, 0, 0, a.n < kAheadRows ? a.n : kAheadRows);
+    if constexpr (Scores::kRowPrefetch)  // the rows before the first ahead ones
+      prefetch_head(a, 0, a.n < kAheadK ? a.n : kAheadK, a.n < kAheadV ? a.n : kAheadV);
     alignas(64) float dots[kMaxGroupPerPass][W][W];
     alignas(64) float ndots[W][W];  // |k - mu|^2 partials (Scores::kKeyNorm)
     alignas(64) float p[kMaxGroupPerPass][W];
