@@ -197,6 +197,15 @@ struct SimdAttend {
   // bench_lsh about 1 % (docs/lsh.md, session 13).
   static constexpr int kAheadK = W == 8 ? 6 : 3 * W;
   static constexpr int kAheadV = W == 8 ? 2 * W : 3 * W;
+  // AVX2: a second stage pulls the gathered rows from L2 into L1 (prefetcht0)
+  // shortly before their use: K rows kNearK ahead, V rows kNearV ahead; 0
+  // for none. By then the rows are in L2 or on their way, so each line holds
+  // an L1 miss buffer only briefly. (Zen 3, the same harness: the kernel
+  // 10-12 % faster; K / V at 2 / 4, 3 / 4, 3 / 6, 3 / 8, 2 / 8 and 4 / 8 rows
+  // all within 1 %. Whole bench_lsh steps, alternating in one process: 6-10 %
+  // faster at 16K and 64K, bs:1 and bs:8, diffuse and peaky.)
+  static constexpr int kNearK = W == 8 ? 3 : 0;
+  static constexpr int kNearV = W == 8 ? W : 0;
 
   // The first k_rows K rows and v_rows V rows of KV head hk towards L2: a
   // gathered-row call (Scores::kRowPrefetch), before its first block. (Towards
@@ -404,6 +413,14 @@ struct SimdAttend {
             for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(hd.k[tk] + hd.koff + 64 * c);
           if (tv < hd.n)
             for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(hd.v[tv] + hd.voff + 64 * c);
+          if constexpr (kNearK > 0)
+            if (t0 + t + r + kNearK < hd.n)
+              for (int c = 0; c < kLinesPerRow; ++c)
+                prefetch_l1(hd.k[t0 + t + r + kNearK] + hd.koff + 64 * c);
+          if constexpr (kNearV > 0)
+            if (t0 + t + r + kNearV < hd.n)
+              for (int c = 0; c < kLinesPerRow; ++c)
+                prefetch_l1(hd.v[t0 + t + r + kNearV] + hd.voff + 64 * c);
         }
       ahead.k_lines(t + r, lines);
       if constexpr (kVAheadInScores) ahead.v_lines(t + r, lines);
