@@ -213,10 +213,19 @@ struct SimdAttend {
   // step at 64K, two batches of six alternating runs, medians: bs:1 1.48 and
   // 1.56 ms against 1.64 and 1.58, bs:8 11.6 and 11.2 against 11.7 and 12.7.)
   static void prefetch_head(const AttendArgs& a, int hk, int k_rows, int v_rows) noexcept {
-    for (int r = 0; r < k_rows; ++r)
-      for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(a.k[r] + hk * a.k_head_stride + 64 * c);
-    for (int r = 0; r < v_rows; ++r)
-      for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(a.v[r] + hk * a.v_head_stride + 64 * c);
+    for (int r = 0; r < k_rows; ++r) prefetch_row(a.k[r] + hk * a.k_head_stride);
+    for (int r = 0; r < v_rows; ++r) prefetch_row(a.v[r] + hk * a.v_head_stride);
+  }
+
+  // Every line of one row, towards L2 (or with kL1, L1).
+  template <bool kL1 = false>
+  static void prefetch_row(const std::byte* row) noexcept {
+    for (int c = 0; c < kLinesPerRow; ++c) {
+      if constexpr (kL1)
+        prefetch_l1(row + 64 * c);
+      else
+        prefetch_l2(row + 64 * c);
+    }
   }
 
   // Blocks the streamed rows are prefetched ahead, in walk order: 8 KiB of K
@@ -358,6 +367,18 @@ struct SimdAttend {
     const typename Ahead::Span* kspans;
     const typename Ahead::Span* vspans;
   };
+
+  // The prefetches of a gathered-row call (Scores::kRowPrefetch) while row i
+  // is computed: K and V rows towards L2 kAheadK / kAheadV ahead, then into
+  // L1 kNearK / kNearV ahead.
+  static void prefetch_gathered(const Head& hd, int i) noexcept {
+    if (i + kAheadK < hd.n) prefetch_row(hd.k[i + kAheadK] + hd.koff);
+    if (i + kAheadV < hd.n) prefetch_row(hd.v[i + kAheadV] + hd.voff);
+    if constexpr (kNearK > 0)
+      if (i + kNearK < hd.n) prefetch_row<true>(hd.k[i + kNearK] + hd.koff);
+    if constexpr (kNearV > 0)
+      if (i + kNearV < hd.n) prefetch_row<true>(hd.v[i + kNearV] + hd.voff);
+  }
   static constexpr int kMaxScorePasses = (kMaxGroupPerPass + kScoreTile - 1) / kScoreTile;
   static constexpr int kMaxValuePasses =
       (kMaxGroupPerPass + kHeadTile - 1) / kHeadTile * (kNV / kSlice);
@@ -404,24 +425,9 @@ struct SimdAttend {
     };
     const std::byte* krow[R];
     for (int r = 0; r < R; ++r) {
-      // Gathered rows (random addresses): per row computed, the K row
-      // kAheadK ahead and the V row kAheadV ahead, every line, towards L2.
+      // Gathered rows (random addresses): once per row, by the first tile.
       if constexpr (Scores::kRowPrefetch)
-        if (h0 == 0) {
-          const int tk = t0 + t + r + kAheadK, tv = t0 + t + r + kAheadV;
-          if (tk < hd.n)
-            for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(hd.k[tk] + hd.koff + 64 * c);
-          if (tv < hd.n)
-            for (int c = 0; c < kLinesPerRow; ++c) prefetch_l2(hd.v[tv] + hd.voff + 64 * c);
-          if constexpr (kNearK > 0)
-            if (t0 + t + r + kNearK < hd.n)
-              for (int c = 0; c < kLinesPerRow; ++c)
-                prefetch_l1(hd.k[t0 + t + r + kNearK] + hd.koff + 64 * c);
-          if constexpr (kNearV > 0)
-            if (t0 + t + r + kNearV < hd.n)
-              for (int c = 0; c < kLinesPerRow; ++c)
-                prefetch_l1(hd.v[t0 + t + r + kNearV] + hd.voff + 64 * c);
-        }
+        if (h0 == 0) prefetch_gathered(hd, t0 + t + r);
       ahead.k_lines(t + r, lines);
       if constexpr (kVAheadInScores) ahead.v_lines(t + r, lines);
       krow[r] = hd.k[t0 + t + r] + hd.koff;
