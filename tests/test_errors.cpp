@@ -205,6 +205,19 @@ TEST_CASE("problem shapes the backend cannot take are rejected", "[errors]") {
       CHECK(hattn::ref::decode(q, f.paged_in.query(), f.paged_in.paged(), &r) == kInvalid);
     }
   }
+  SECTION("an sm_scale whose base-2 form overflows f32") {
+    p.sm_scale = 3e38f;  // finite, but 3e38 * log2(e) is not
+    expect_problem(p, kInvalid);
+    CHECK(hattn::ref::decode(p, f.paged_in.query(), f.paged_in.paged(), &r) == kInvalid);
+  }
+  SECTION("sizes whose workspace would overflow size_t are kNotSupported") {
+    p.batch_size = 16649994;
+    p.num_kv_heads = 1;
+    p.num_q_heads = 1073542560;
+    p.head_dim = 256;
+    CHECK(DenseDecode::can_implement(p) == kNotSupported);
+    CHECK(DenseDecode::workspace_size(p) == 0);
+  }
   SECTION("unsupported head dims are kNotSupported") {
     for (const int d : {96, 32, 80, 192, 512, 65}) {
       INFO("head_dim=" << d);
@@ -374,7 +387,7 @@ TEST_CASE("views whose shape differs from the problem are invalid arguments", "[
     }
   }
   SECTION("output") {
-    std::vector<hattn::PartialView> bad(7, out);
+    std::vector<hattn::PartialView> bad(11, out);
     bad[0].batch_size = 3;
     bad[1].num_heads = 2;
     bad[2].head_dim = 128;
@@ -382,11 +395,22 @@ TEST_CASE("views whose shape differs from the problem are invalid arguments", "[
     bad[4].stride_batch = -1;
     bad[5].stride_head = -1;
     bad[6].lse_stride_batch = -1;
+    // Strides that map two (batch, head) rows onto the same memory.
+    bad[7].stride_head = 0;
+    bad[8].stride_head = p.head_dim - 1;
+    bad[9].stride_batch = out.stride_head;  // batch 1 = head 1 of batch 0
+    bad[10].lse_stride_batch = p.num_q_heads - 1;
     for (std::size_t i = 0; i < bad.size(); ++i) {
       INFO("output mutation " << i);
       expect_run_fails(f, plan, q, kv, bad[i], buf, kInvalid);
       CHECK(hattn::ref::decode(p, q, kv, bad[i]) == kInvalid);
     }
+  }
+  SECTION("an output with heads outside batches is fine") {
+    hattn::PartialView t = out;  // same extent, transposed: [head][batch][D]
+    t.stride_batch = p.head_dim;
+    t.stride_head = std::int64_t{p.batch_size} * p.head_dim;
+    CHECK(f.backend.run(plan, q, kv, t, hattn_test::shared_executor()) == kOk);
   }
   SECTION("KV view") {
     std::vector<PagedKvView> bad(4, kv);
@@ -438,6 +462,19 @@ TEST_CASE("run with a plan that does not fit the inputs is an invalid argument",
     expect_run_fails(f, plan, f.dense_in.query(), changed, buf.view(), buf, kInvalid);
     lens[0] = 0;
     expect_run_fails(f, plan, f.dense_in.query(), changed, buf.view(), buf, kInvalid);
+  }
+  SECTION("a plan whose workspace a later plan reused") {
+    const PagedKvView kv = f.paged_in.paged();
+    std::vector<std::byte> ws(DenseDecode::workspace_size(p));
+    DecodePlan older, newer;
+    REQUIRE(f.backend.plan(p, kv, ws.data(), ws.size(), &older) == kOk);
+    REQUIRE(f.backend.plan(p, kv, ws.data(), ws.size(), &newer) == kOk);
+    expect_run_fails(f, older, f.paged_in.query(), kv, buf.view(), buf, kInvalid);
+    CHECK(f.backend.run(newer, f.paged_in.query(), kv, buf.view(), hattn_test::shared_executor()) ==
+          kOk);
+    const DecodePlan copy = newer;  // a copy of the newest plan is still that plan
+    CHECK(f.backend.run(copy, f.paged_in.query(), kv, buf.view(), hattn_test::shared_executor()) ==
+          kOk);
   }
   SECTION("a plan for another problem") {
     // Planned for 4 query heads; run with views of 8 query heads.

@@ -358,6 +358,26 @@ TEST_CASE("merge_partials rejects mismatched shapes and null pointers", "[merge]
   no_lse.lse2 = nullptr;
   CHECK(hattn::merge_partials(a.view, no_o, out.view) == StatusCode::kInvalidArgument);
   CHECK(hattn::merge_partials(a.view, b.view, no_lse) == StatusCode::kInvalidArgument);
+  // Negative strides in any partial, and an output whose rows overlap.
+  for (int which = 0; which < 3; ++which)
+    for (int field = 0; field < 3; ++field) {
+      PartialView v[3] = {a.view, b.view, out.view};
+      if (field == 0) v[which].stride_batch = -v[which].stride_batch;
+      if (field == 1) v[which].stride_head = -1;
+      if (field == 2) v[which].lse_stride_batch = -3;
+      INFO("negative stride " << field << " of partial " << which);
+      CHECK(hattn::merge_partials(v[0], v[1], v[2]) == StatusCode::kInvalidArgument);
+    }
+  PartialView overlap = out.view;
+  overlap.stride_head = 0;
+  CHECK(hattn::merge_partials(a.view, b.view, overlap) == StatusCode::kInvalidArgument);
+  overlap = out.view;
+  overlap.lse_stride_batch = 0;
+  CHECK(hattn::merge_partials(a.view, b.view, overlap) == StatusCode::kInvalidArgument);
+  // Inputs may overlap (they are only read): one row broadcast to every head.
+  PartialView bcast = b.view;
+  bcast.stride_head = 0;
+  CHECK(hattn::merge_partials(a.view, bcast, out.view) == StatusCode::kSuccess);
   // An empty batch needs no memory.
   const PartialView empty{nullptr, DType::kF32, nullptr, 0, 3, 64, 0, 0, 0};
   CHECK(hattn::merge_partials(empty, empty, empty) == StatusCode::kSuccess);

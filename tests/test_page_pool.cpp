@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -281,8 +282,20 @@ TEST_CASE("HostPagePool rejects unknown sequences and bad arguments", "[pool][er
   CHECK(pool.append(s, k.data(), v.data(), -1) == StatusCode::kInvalidArgument);
   CHECK(pool.append(s, nullptr, v.data(), 1) == StatusCode::kInvalidArgument);
   CHECK(pool.append(s, k.data(), nullptr, 1) == StatusCode::kInvalidArgument);
+  // Token strides: negative, or shorter than a token's num_kv_heads * head_dim.
+  CHECK(pool.append(s, k.data(), v.data(), 1, -64) == StatusCode::kInvalidArgument);
+  CHECK(pool.append(s, k.data(), v.data(), 1, 63) == StatusCode::kInvalidArgument);
+  // A count near INT64_MAX is more than the pool holds, not an overflow.
+  CHECK(pool.append(s, k.data(), v.data(), INT64_MAX - 3) == StatusCode::kOutOfMemory);
+  CHECK(pool.append(s, k.data(), v.data(), INT64_MAX) == StatusCode::kOutOfMemory);
   CHECK(pool.seq_len(s) == 0);
   CHECK(pool.free_pages() == 2);
+  REQUIRE(pool.append(s, k.data(), v.data(), 1, 64) == kOk);  // the smallest stride is fine
+  CHECK(pool.append(s, k.data(), v.data(), INT64_MAX - 1) == StatusCode::kOutOfMemory);
+  CHECK(pool.seq_len(s) == 1);
+  CHECK(pool.free_pages() == 1);
+  REQUIRE(pool.release(s) == kOk);
+  REQUIRE(pool.create_sequence(&s) == kOk);
   const HostPagePool::SeqId ids[] = {s};
   CHECK(pool.build_page_table(ids, nullptr) == StatusCode::kInvalidArgument);
   // An empty sequence has an empty page table row.
@@ -299,6 +312,14 @@ TEST_CASE("HostPagePool rejects unknown sequences and bad arguments", "[pool][er
   bad = opt;
   bad.num_pages = -1;
   CHECK_THROWS_AS(HostPagePool(bad), std::invalid_argument);
+  // A size that wraps size_t (2^30-token pages of 64 x 128 bf16, 2^20 of
+  // them: 2^64 bytes) is refused, not allocated as a sliver.
+  bad.dtype = DType::kBF16;
+  bad.num_kv_heads = 64;
+  bad.head_dim = 128;
+  bad.page_size = 1 << 30;
+  bad.num_pages = 1 << 20;
+  CHECK_THROWS_AS(HostPagePool(bad), std::length_error);
 }
 
 TEST_CASE("HostPagePool moves keep the sequences and memory", "[pool]") {

@@ -1,6 +1,7 @@
 #include "hattn/core/page_pool.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -17,6 +18,7 @@ void HostPagePool::FreeDeleter::operator()(std::byte* p) const noexcept { std::f
 namespace {
 std::byte* alloc_pool(std::size_t bytes, bool prefault) {
   constexpr std::size_t kAlign = 2u << 20;  // 2 MiB: lets the kernel back it with huge pages
+  if (bytes > SIZE_MAX - kAlign) throw std::bad_alloc();
   const std::size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
   void* p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
   if (p == nullptr) throw std::bad_alloc();
@@ -34,7 +36,14 @@ HostPagePool::HostPagePool(const PagePoolOptions& o) : opt_(o) {
     throw std::invalid_argument("HostPagePool: heads, head_dim and page_size must be positive");
   if (o.num_pages > INT32_MAX) throw std::invalid_argument("HostPagePool: too many pages");
   strides_ = packed_strides(o.layout, o.page_size, o.num_kv_heads, o.head_dim);
-  const std::size_t bytes = page_bytes() * static_cast<std::size_t>(o.num_pages);
+  // The pool's bytes, checked: a product that wraps would allocate a sliver
+  // and hand out pages past its end.
+  std::size_t bytes = size_of(o.dtype);
+  for (const std::size_t f :
+       {static_cast<std::size_t>(o.page_size), static_cast<std::size_t>(o.num_kv_heads),
+        static_cast<std::size_t>(o.head_dim), static_cast<std::size_t>(o.num_pages)})
+    if (__builtin_mul_overflow(bytes, f, &bytes))
+      throw std::length_error("HostPagePool: the pool's size overflows");
   k_.reset(alloc_pool(bytes, o.prefault));
   v_.reset(alloc_pool(bytes, o.prefault));
   free_.resize(static_cast<std::size_t>(o.num_pages));
@@ -60,7 +69,11 @@ Status HostPagePool::create_sequence(SeqId* id) {
       *id = static_cast<SeqId>(i);
       return Status::ok();
     }
-  seqs_.push_back(Seq{{}, 0, true});
+  try {
+    seqs_.push_back(Seq{{}, 0, true});
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "create_sequence: out of memory"};
+  }
   *id = static_cast<SeqId>(seqs_.size() - 1);
   return Status::ok();
 }
@@ -76,18 +89,29 @@ Status HostPagePool::append(SeqId id, const void* k, const void* v, std::int64_t
   if (n < 0) return {StatusCode::kInvalidArgument, "append: negative token count"};
   if (n == 0) return Status::ok();
   if (k == nullptr || v == nullptr) return {StatusCode::kInvalidArgument, "append: k or v is null"};
+  const std::int32_t H = opt_.num_kv_heads, D = opt_.head_dim;
+  if (src_token_stride < 0 || (src_token_stride > 0 && src_token_stride < std::int64_t{H} * D))
+    return {StatusCode::kInvalidArgument,
+            "append: src_token_stride must be 0 (packed) or at least num_kv_heads * head_dim"};
   Seq& s = seqs_[id];
   const std::int64_t P = opt_.page_size;
   const std::int64_t have = static_cast<std::int64_t>(s.pages.size()) * P;
+  // Room left, before any sum with n (which may be near INT64_MAX).
+  if (n > (have - s.len) + free_pages() * P)
+    return {StatusCode::kOutOfMemory, "append: the page pool has too few free pages"};
   const std::int64_t need_pages = (s.len + n - have + P - 1) / P;
   if (need_pages > free_pages())
     return {StatusCode::kOutOfMemory, "append: the page pool has too few free pages"};
-  s.pages.reserve(s.pages.size() + static_cast<std::size_t>(std::max<std::int64_t>(need_pages, 0)));
+  try {
+    s.pages.reserve(s.pages.size() +
+                    static_cast<std::size_t>(std::max<std::int64_t>(need_pages, 0)));
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "append: out of memory for the page list"};
+  }
   for (std::int64_t i = 0; i < need_pages; ++i) {
     s.pages.push_back(free_.back());
     free_.pop_back();
   }
-  const std::int32_t H = opt_.num_kv_heads, D = opt_.head_dim;
   const std::size_t es = size_of(opt_.dtype);
   const std::int64_t src_stride = src_token_stride == 0 ? std::int64_t{H} * D : src_token_stride;
   const auto* ks = static_cast<const std::byte*>(k);
@@ -104,6 +128,23 @@ Status HostPagePool::append(SeqId id, const void* k, const void* v, std::int64_t
     }
   }
   s.len += n;
+  return Status::ok();
+}
+
+Status HostPagePool::truncate(SeqId id, std::int64_t len) noexcept {
+  if (seq_len(id) < 0) return {StatusCode::kInvalidArgument, "truncate: unknown sequence"};
+  Seq& s = seqs_[id];
+  if (len < 0 || len > s.len)
+    return {StatusCode::kInvalidArgument, "truncate: length outside 0..seq_len"};
+  const std::int64_t P = opt_.page_size;
+  const auto keep = static_cast<std::size_t>((len + P - 1) / P);
+  // free_ was sized for every page at construction, so these push_backs
+  // stay within its capacity and cannot throw.
+  while (s.pages.size() > keep) {
+    free_.push_back(s.pages.back());
+    s.pages.pop_back();
+  }
+  s.len = len;
   return Status::ok();
 }
 

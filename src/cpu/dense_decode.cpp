@@ -1,8 +1,10 @@
 #include "hattn/cpu/dense_decode.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 
@@ -54,24 +56,37 @@ std::int64_t max_items(const DecodeProblem& p) noexcept {
 
 // Carves the workspace.
 struct Layout {
-  std::size_t items, merges, seq_lens, slot_o, slot_m, slot_l, total;
+  std::size_t stamp, items, merges, seq_lens, slot_o, slot_m, slot_l, total;
+  bool overflow = false;  // the sizes do not fit a size_t: no workspace can hold them
   explicit Layout(const DecodeProblem& p) noexcept {
     const auto n = static_cast<std::size_t>(max_items(p));
+    const auto B = static_cast<std::size_t>(p.batch_size);
     const auto H = static_cast<std::size_t>(p.num_q_heads);
     const auto D = static_cast<std::size_t>(p.head_dim);
+    // Each array below 2^56 bytes, so the sums of offsets cannot wrap.
+    constexpr std::size_t kMaxBytes = std::size_t{1} << 56;
+    auto bytes = [&](std::initializer_list<std::size_t> factors) {
+      std::size_t r = 1;
+      for (const std::size_t f : factors)
+        if (__builtin_mul_overflow(r, f, &r) || r > kMaxBytes) {
+          overflow = true;
+          return std::size_t{0};
+        }
+      return r;
+    };
     std::size_t off = 0;
-    auto take = [&](std::size_t bytes) {
+    auto take = [&](std::size_t size) {
       const std::size_t at = off;
-      off = align_up(off + bytes, 64);
+      off = align_up(off + size, 64);
       return at;
     };
-    items = take(n * sizeof(detail::WorkItem));
-    merges =
-        take(static_cast<std::size_t>(p.batch_size) * p.num_kv_heads * sizeof(detail::MergeItem));
-    seq_lens = take(static_cast<std::size_t>(p.batch_size) * sizeof(std::int64_t));
-    slot_o = take(n * H * D * sizeof(float));
-    slot_m = take(n * H * sizeof(float));
-    slot_l = take(n * H * sizeof(float));
+    stamp = take(sizeof(std::uint64_t));
+    items = take(bytes({n, sizeof(detail::WorkItem)}));
+    merges = take(bytes({B, static_cast<std::size_t>(p.num_kv_heads), sizeof(detail::MergeItem)}));
+    seq_lens = take(bytes({B, sizeof(std::int64_t)}));
+    slot_o = take(bytes({n, H, D, sizeof(float)}));
+    slot_m = take(bytes({n, H, sizeof(float)}));
+    slot_l = take(bytes({n, H, sizeof(float)}));
     total = off + 64;  // room to align the base
   }
 };
@@ -96,6 +111,8 @@ Status DenseDecode::can_implement(const DecodeProblem& p) noexcept {
     return {StatusCode::kNotSupported, "query dtype is not supported"};
   if (!contains<SupportedOutDTypes>(p.o_dtype))
     return {StatusCode::kNotSupported, "output dtype is not supported"};
+  if (Layout(p).overflow)
+    return {StatusCode::kNotSupported, "problem too large: its workspace size overflows"};
   return Status::ok();
 }
 
@@ -119,6 +136,12 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
 
   DecodePlan pl;
   pl.problem = p;
+  // A plan made later in the same workspace overwrites this one's arrays:
+  // the stamp lets run() refuse the older plan.
+  static std::atomic<std::uint64_t> next_stamp{1};
+  pl.stamp = next_stamp.fetch_add(1, std::memory_order_relaxed);
+  pl.stamp_at = reinterpret_cast<std::uint64_t*>(base + lay.stamp);
+  *pl.stamp_at = pl.stamp;
   pl.items = reinterpret_cast<detail::WorkItem*>(base + lay.items);
   pl.merges = reinterpret_cast<detail::MergeItem*>(base + lay.merges);
   pl.seq_lens = reinterpret_cast<std::int64_t*>(base + lay.seq_lens);
@@ -314,7 +337,11 @@ template <KvView Kv>
 Status DenseDecode::run(const DecodePlan& pl, const QueryView& q, const Kv& kv,
                         const PartialView& out, const CpuExecutor& executor) const noexcept {
   const DecodeProblem& p = pl.problem;
-  if (pl.items == nullptr) return {StatusCode::kInvalidArgument, "run: plan was not made"};
+  if (pl.items == nullptr || pl.stamp_at == nullptr)
+    return {StatusCode::kInvalidArgument, "run: plan was not made"};
+  if (*pl.stamp_at != pl.stamp)
+    return {StatusCode::kInvalidArgument,
+            "run: the plan's workspace was planned again or overwritten since this plan was made"};
   HATTN_RETURN_IF_ERROR(validate(p, q));
   HATTN_RETURN_IF_ERROR(validate(p, out));
   HATTN_RETURN_IF_ERROR(validate(p, kv));

@@ -13,6 +13,7 @@
 
 #include "hattn/core/problem.hpp"
 #include "hattn/core/status.hpp"
+#include "hattn/core/validate.hpp"
 
 namespace hattn {
 
@@ -43,6 +44,9 @@ inline Status merge_partials(const PartialView& a, const PartialView& b,
     return {StatusCode::kInvalidArgument, "merge_partials: partials have different shapes"};
   if (a.batch_size > 0 && (!a.o || !b.o || !out.o || !a.lse2 || !b.lse2 || !out.lse2))
     return {StatusCode::kInvalidArgument, "merge_partials: null pointer"};
+  HATTN_RETURN_IF_ERROR(detail::validate_partial(a, false));
+  HATTN_RETURN_IF_ERROR(detail::validate_partial(b, false));
+  HATTN_RETURN_IF_ERROR(detail::validate_partial(out, true));
   const std::int32_t d = a.head_dim;
   for (std::int32_t bi = 0; bi < a.batch_size; ++bi) {
     for (std::int32_t h = 0; h < a.num_heads; ++h) {

@@ -40,8 +40,8 @@ class HostPagePool {
  public:
   using SeqId = std::int32_t;
 
-  // Throws std::invalid_argument for a bad shape, std::bad_alloc when the
-  // memory cannot be had.
+  // Throws std::invalid_argument for a bad shape, std::length_error when the
+  // pool's size overflows size_t, std::bad_alloc when the memory cannot be had.
   explicit HostPagePool(const PagePoolOptions& options);
   ~HostPagePool();
   HostPagePool(HostPagePool&&) noexcept;
@@ -56,10 +56,15 @@ class HostPagePool {
   // A new empty sequence.
   Status create_sequence(SeqId* id);
   // Append n tokens. k and v are [n][num_kv_heads][head_dim] in the pool's
-  // dtype, with `src_token_stride` elements between tokens (0 = packed). All
-  // or nothing: when the pool lacks pages, nothing changes (kOutOfMemory).
+  // dtype, with `src_token_stride` elements between tokens (0 = packed; else
+  // at least num_kv_heads * head_dim). All or nothing: when the pool lacks
+  // pages, nothing changes (kOutOfMemory).
   Status append(SeqId id, const void* k, const void* v, std::int64_t n,
                 std::int64_t src_token_stride = 0);
+  // Drop the tokens from `len` on (0 <= len <= seq_len), returning the
+  // pages no longer used. Cannot fail for a live sequence and a valid len:
+  // undoes an append when a caller's later step fails.
+  Status truncate(SeqId id, std::int64_t len) noexcept;
   // Return the sequence's pages to the pool.
   Status release(SeqId id);
   // Length of a live sequence, or -1 for an unknown id.

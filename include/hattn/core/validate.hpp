@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "hattn/core/kv_view.hpp"
 #include "hattn/core/problem.hpp"
@@ -13,6 +14,38 @@ namespace hattn {
 
 namespace detail {
 inline Status invalid(const char* msg) noexcept { return {StatusCode::kInvalidArgument, msg}; }
+
+// Whether runs of `len` elements at i * si + j * sj (0 <= i < ni, 0 <= j < nj;
+// strides >= 0) are pairwise disjoint, checked as nested: the smaller stride
+// of the dimensions with more than one index steps over whole runs, the
+// larger one over the whole inner extent. Every packed or padded layout, in
+// either order, passes.
+inline bool runs_disjoint(std::int64_t ni, std::int64_t si, std::int64_t nj, std::int64_t sj,
+                          std::int64_t len) noexcept {
+  if (ni <= 0 || nj <= 0) return true;  // no runs at all
+  if (ni <= 1) ni = 1, si = 0;
+  if (nj <= 1) nj = 1, sj = 0;
+  if (ni == 1 && nj == 1) return true;
+  if (ni == 1) return sj >= len;
+  if (nj == 1) return si >= len;
+  if (si > sj) std::swap(ni, nj), std::swap(si, sj);  // (ni, si) inner
+  return si >= len && sj / ni >= si;                  // sj >= ni * si without overflow
+}
+
+// The shape and strides of a partial result alone. `written`: the views a
+// call writes must not map two (batch, head) rows onto the same memory.
+inline Status validate_partial(const PartialView& v, bool written) noexcept {
+  if (v.batch_size < 0 || v.num_heads < 0 || v.head_dim < 0)
+    return invalid("partial batch_size, num_heads or head_dim is negative");
+  if (v.stride_batch < 0 || v.stride_head < 0 || v.lse_stride_batch < 0)
+    return invalid("partial strides are negative");
+  if (written &&
+      !runs_disjoint(v.batch_size, v.stride_batch, v.num_heads, v.stride_head, v.head_dim))
+    return invalid("output strides make (batch, head) rows of o overlap");
+  if (written && !runs_disjoint(v.batch_size, v.lse_stride_batch, v.num_heads, 1, 1))
+    return invalid("output lse_stride_batch makes lse2 rows overlap (needs >= num_heads)");
+  return Status::ok();
+}
 }  // namespace detail
 
 // Shape of the problem alone (not whether a backend supports it).
@@ -25,6 +58,9 @@ inline Status validate(const DecodeProblem& p) noexcept {
     return invalid("num_q_heads is not a multiple of num_kv_heads");
   if (p.head_dim <= 0) return invalid("head_dim must be positive");
   if (p.sm_scale && !std::isfinite(*p.sm_scale)) return invalid("sm_scale is not finite");
+  // Kernels work in base 2 with q scaled by sm_scale * log2(e).
+  if (p.sm_scale && !std::isfinite(*p.sm_scale * 1.4426950408889634f))
+    return invalid("sm_scale is too large (sm_scale * log2(e) overflows f32)");
   return Status::ok();
 }
 
@@ -50,7 +86,7 @@ inline Status validate(const DecodeProblem& p, const PartialView& out) noexcept 
     return invalid("output o or lse2 is null");
   if (out.stride_batch < 0 || out.stride_head < 0 || out.lse_stride_batch < 0)
     return invalid("output strides are negative");
-  return Status::ok();
+  return detail::validate_partial(out, true);
 }
 
 namespace detail {

@@ -54,9 +54,13 @@ struct DecodePlan {
   detail::WorkItem* items = nullptr;
   detail::MergeItem* merges = nullptr;
   std::int64_t* seq_lens = nullptr;  // [batch], to check run() sees the planned lengths
-  float* slot_o = nullptr;           // [slot][num_q_heads][head_dim]
-  float* slot_m = nullptr;           // [slot][num_q_heads]
-  float* slot_l = nullptr;           // [slot][num_q_heads]
+  // Written at the workspace's start by plan(): run() refuses a plan whose
+  // workspace a later plan() has reused.
+  std::uint64_t stamp = 0;
+  std::uint64_t* stamp_at = nullptr;
+  float* slot_o = nullptr;  // [slot][num_q_heads][head_dim]
+  float* slot_m = nullptr;  // [slot][num_q_heads]
+  float* slot_l = nullptr;  // [slot][num_q_heads]
 };
 
 class DenseDecode {
