@@ -15,7 +15,7 @@ std::vector<std::int64_t> brute_force_sampled(const LshLayer& layer, std::int64_
   LshPartition part;
   std::span<const float> mu;
   if (!layer.attn->partition(seq, &part) || !layer.attn->mu(seq, h, &mu)) return {};
-  const auto& proj = layer.attn->projection(h);
+  const auto& proj = *layer.attn->projection(h);
   std::vector<std::uint16_t> qc(static_cast<std::size_t>(L)), kc(static_cast<std::size_t>(L));
   proj.hash(q, 1, D, qc.data());
   std::vector<float> x(static_cast<std::size_t>(D));

@@ -2,6 +2,7 @@
 // (numbered in the test names), incremental insertion, determinism, errors.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <numbers>
 #include <numeric>
@@ -9,6 +10,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "common/alloc_fail.hpp"
 #include "common/check.hpp"
 #include "common/decode_fixture.hpp"
 #include "common/seed.hpp"
@@ -302,7 +304,7 @@ TEST_CASE("lsh check 4: each table is a permutation bucketed by the key codes", 
       for (std::int64_t i = 0; i < n; ++i) {
         const float* k = layer.key(seq, part.sink_end + i, h);
         for (int d = 0; d < 64; ++d) x[d] = k[d] - mu[d];
-        layer.attn->projection(h).hash(x.data(), 1, 64, codes.data() + i * cfg.L);
+        layer.attn->projection(h)->hash(x.data(), 1, 64, codes.data() + i * cfg.L);
       }
       for (std::int32_t l = 0; l < cfg.L; ++l) {
         const auto off = t->offsets(l);
@@ -943,6 +945,137 @@ TEST_CASE("lsh: bad input returns a Status and changes nothing", "[lsh][errors]"
   CHECK(L.decode(known, qv, ov, shared_executor()).is_ok());
   CHECK(L.release(100).is_ok());
   CHECK(L.decode(known, qv, ov, shared_executor()).code() == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("lsh: strides, sizes and heads out of range are errors that change nothing",
+          "[lsh][errors]") {
+  auto rng = make_rng("lsh-errors-2");
+  std::unique_ptr<LshAttention> a;
+  LshShape s{8, 2, 64, DType::kBF16, 0, INT64_MAX, 2, 16, {}};  // pages overflow int32
+  CHECK(LshAttention::create(LshConfig{}, s, &a).code() == StatusCode::kInvalidArgument);
+  s.max_tokens = 4096;
+  s.max_sequences = INT32_MAX;
+  CHECK(LshAttention::create(LshConfig{}, s, &a).code() == StatusCode::kInvalidArgument);
+
+  LshLayer layer = make_layer(config(8, 20), 8, 2, 64, DType::kBF16, {500}, rng);
+  LshAttention& L = *layer.attn;
+  CHECK(L.projection(-1) == nullptr);
+  CHECK(L.projection(2) == nullptr);
+  CHECK(L.projection(1) != nullptr);
+
+  const std::int64_t known[] = {100};
+  std::vector<float> q(8 * 64, 0.5f), o(8 * 64), lse(8);
+  const QueryView qv = make_query_view(q.data(), DType::kF32, 1, 8, 64);
+  const PartialView ov = make_partial_view(o.data(), DType::kF32, lse.data(), 1, 8, 64);
+  QueryView bq = qv;
+  bq.stride_head = -64;
+  CHECK(L.decode(known, bq, ov, shared_executor()).code() == StatusCode::kInvalidArgument);
+  PartialView bo = ov;
+  bo.stride_head = -64;
+  CHECK(L.decode(known, qv, bo, shared_executor()).code() == StatusCode::kInvalidArgument);
+  bo = ov;
+  bo.stride_head = 0;  // every head's row on one memory
+  CHECK(L.decode(known, qv, bo, shared_executor()).code() == StatusCode::kInvalidArgument);
+
+  LshPartition before, after;
+  REQUIRE(L.partition(100, &before).is_ok());
+  std::vector<std::byte> kv(std::size_t(4) * 2 * 64 * 2);
+  for (const std::int64_t stride : {std::int64_t{-128}, std::int64_t{1}, std::int64_t{127}}) {
+    INFO("token stride " << stride);
+    CHECK(L.prefill(5, kv.data(), kv.data(), 2, shared_executor(), stride).code() ==
+          StatusCode::kInvalidArgument);
+    CHECK(L.append(100, kv.data(), kv.data(), 2, stride).code() == StatusCode::kInvalidArgument);
+  }
+  CHECK(L.prefill(5, kv.data(), kv.data(), INT64_MAX, shared_executor()).code() ==
+        StatusCode::kOutOfMemory);
+  CHECK(L.append(100, kv.data(), kv.data(), INT64_MAX).code() == StatusCode::kOutOfMemory);
+  CHECK_FALSE(L.contains(5));
+  REQUIRE(L.partition(100, &after).is_ok());
+  CHECK((after.sink_end == before.sink_end && after.tail_begin == before.tail_begin &&
+         after.length == before.length));
+  // No page leaked: the rest of the pool still takes a 4096-token prefill.
+  const auto big = encode(normals(rng, std::size_t(4096) * 2 * 64), DType::kBF16);
+  CHECK(L.prefill(6, big.data(), big.data(), 4096, shared_executor()).is_ok());
+  CHECK(L.decode(known, qv, ov, shared_executor()).is_ok());
+}
+
+TEST_CASE("lsh: an append that runs out of memory at any allocation changes nothing",
+          "[lsh][errors]") {
+  auto rng = make_rng("lsh-append-oom");
+  LshLayer layer = make_layer(config(8, 20), 8, 2, 64, DType::kBF16, {600}, rng);
+  LshAttention& L = *layer.attn;
+  const std::int64_t seq[] = {100};
+  const std::int64_t n = 300;  // 600 + 300 - 536 > max_exact_tail: the append indexes
+  const auto keys = encode(normals(rng, std::size_t(n) * 2 * 64), DType::kBF16);
+  const auto values = encode(normals(rng, std::size_t(n) * 2 * 64), DType::kBF16);
+  const std::vector<float> q = normals(rng, 8 * 64);
+  struct State {
+    std::int64_t sink_end, tail_begin, length;
+    std::size_t kv, index;
+    std::vector<std::int64_t> sizes;
+    std::vector<float> o, lse;
+    bool operator==(const State&) const = default;
+  };
+  auto state = [&] {
+    State st{};
+    LshPartition p;
+    REQUIRE(L.partition(100, &p).is_ok());
+    st.sink_end = p.sink_end;
+    st.tail_begin = p.tail_begin;
+    st.length = p.length;
+    LshMemory m;
+    REQUIRE(L.memory(100, &m).is_ok());
+    st.kv = m.kv;
+    st.index = m.index;
+    for (std::int32_t h = 0; h < 2; ++h) st.sizes.push_back(L.tables(100, h)->size());
+    st.o.assign(8 * 64, 0.0f);
+    st.lse.assign(8, 0.0f);
+    REQUIRE(L.decode(seq, make_query_view(q.data(), DType::kF32, 1, 8, 64),
+                     make_partial_view(st.o.data(), DType::kF32, st.lse.data(), 1, 8, 64),
+                     shared_executor())
+                .is_ok());
+    return st;
+  };
+  const State before = state();
+  REQUIRE(before.tail_begin == 600 - 64);
+  int failed = 0;
+  for (long k = 0;; ++k) {
+    hattn_test::fail_allocation_in(k);
+    const Status st = L.append(100, keys.data(), values.data(), n);
+    hattn_test::fail_allocation_in(-1);
+    if (st.is_ok()) break;
+    INFO("allocation " << k << " failed");
+    REQUIRE(st.code() == StatusCode::kOutOfMemory);
+    ++failed;
+    CHECK(state() == before);
+  }
+  CHECK(failed > 0);
+  // A prefill that fails at any allocation (of the calling thread) leaves no
+  // sequence and no pages behind.
+  const std::int64_t np = 700;
+  const auto pk = encode(normals(rng, std::size_t(np) * 2 * 64), DType::kBF16);
+  int prefill_failed = 0;
+  for (long k = 0;; ++k) {
+    hattn_test::fail_allocation_in(k);
+    const Status st = L.prefill(9, pk.data(), pk.data(), np, shared_executor());
+    hattn_test::fail_allocation_in(-1);
+    if (st.is_ok()) break;
+    INFO("prefill allocation " << k << " failed");
+    REQUIRE(st.code() == StatusCode::kOutOfMemory);
+    CHECK_FALSE(L.contains(9));
+    ++prefill_failed;
+  }
+  CHECK(prefill_failed > 0);
+  REQUIRE(L.release(9).is_ok());
+  const State done = state();
+  CHECK(done.length == 900);
+  CHECK(done.tail_begin == 900 - 64);
+  CHECK(done.sizes[0] == 900 - 64 - before.sink_end);
+  // Every page is back: the pool (600 + 4096 tokens and a page per
+  // sequence) takes the rest of its capacity in one prefill.
+  const std::int64_t rest = 600 + 4096 - 900;
+  const auto rk = encode(normals(rng, std::size_t(rest) * 2 * 64), DType::kBF16);
+  CHECK(L.prefill(10, rk.data(), rk.data(), rest, shared_executor()).is_ok());
 }
 
 TEST_CASE("lsh: memory accounting; positions in 16 bits below 65536", "[lsh]") {

@@ -16,6 +16,7 @@
 #include "cpu/prefetch.hpp"
 #include "hattn/core/merge.hpp"
 #include "hattn/core/supported.hpp"
+#include "hattn/core/validate.hpp"
 #include "hattn/detail/kv_rows.hpp"
 #include "hattn/detail/splitmix.hpp"
 
@@ -212,6 +213,13 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
   if (s.sm_scale && !(std::isfinite(*s.sm_scale) && *s.sm_scale > 0.0f))
     return {StatusCode::kInvalidArgument, "LshShape: sm_scale must be positive and finite"};
 
+  // Pages for max_tokens plus a partial page per sequence, without overflow.
+  const std::int64_t pages = s.max_tokens / s.page_size + (s.max_tokens % s.page_size != 0) +
+                             std::int64_t{s.max_sequences};
+  if (pages > std::numeric_limits<std::int32_t>::max())
+    return {StatusCode::kInvalidArgument,
+            "LshShape: max_tokens / page_size + max_sequences exceeds 2^31 - 1 pages"};
+
   std::unique_ptr<LshAttention> a(new LshAttention(config, s, isa));
   try {
     PagePoolOptions po;
@@ -219,10 +227,16 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
     po.num_kv_heads = s.num_kv_heads;
     po.head_dim = s.head_dim;
     po.page_size = s.page_size;
-    po.num_pages = (s.max_tokens + s.page_size - 1) / s.page_size + s.max_sequences;
+    po.num_pages = pages;
     po.layout = KvLayout::kHND;
     po.prefault = true;  // appends during decode must not pay first-touch faults
-    a->impl_ = std::make_unique<Impl>(po);
+    try {
+      a->impl_ = std::make_unique<Impl>(po);
+    } catch (const std::length_error&) {
+      return {StatusCode::kOutOfMemory, "LshAttention: the KV pool's size overflows"};
+    } catch (const std::invalid_argument&) {
+      return {StatusCode::kInvalidArgument, "LshAttention: the KV pool rejected the shape"};
+    }
     Impl& im = *a->impl_;
     if (config.projection == LshConfig::Projection::kShared) {
       im.proj.emplace_back(s.head_dim, config.K, config.L, config.seed, a->isa_);
@@ -271,8 +285,9 @@ float LshAttention::score_correction(float cos) const noexcept {
   return detail::lsh_correction(impl_->corr.data(), kCorrIntervals, cos);
 }
 
-const SimHash& LshAttention::projection(std::int32_t kv_head) const noexcept {
-  return impl_->proj_of(kv_head);
+const SimHash* LshAttention::projection(std::int32_t kv_head) const noexcept {
+  if (kv_head < 0 || kv_head >= shape_.num_kv_heads) return nullptr;
+  return &impl_->proj_of(kv_head);
 }
 
 namespace {
@@ -303,20 +318,30 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
     return {StatusCode::kInvalidArgument, "prefill: keys or values is null"};
   Impl& im = *impl_;
   const std::int32_t Hk = shape_.num_kv_heads, D = shape_.head_dim;
-  auto seq = std::make_unique<Seq>();
-  HATTN_RETURN_IF_ERROR(im.pool.create_sequence(&seq->pool_id));
-  if (Status st = im.pool.append(seq->pool_id, keys, values, n, token_stride); !st) {
-    (void)im.pool.release(seq->pool_id);
+  std::unique_ptr<Seq> seq;
+  try {
+    seq = std::make_unique<Seq>();
+    HATTN_RETURN_IF_ERROR(im.pool.create_sequence(&seq->pool_id));
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "prefill: out of memory"};
+  }
+  const HostPagePool::SeqId pool_id = seq->pool_id;
+  if (Status st = im.pool.append(pool_id, keys, values, n, token_stride); !st) {
+    (void)im.pool.release(pool_id);
     return st;
   }
+  // From here every failure returns the pool sequence's pages.
   try {
     seq->length = n;
     seq->sink_end = std::min<std::int64_t>(config_.sink, n);
     seq->indexed_end = std::max(seq->sink_end, n - config_.window);
     seq->mu.assign(static_cast<std::size_t>(Hk) * D, 0.0f);
     seq->tables.assign(static_cast<std::size_t>(Hk), LshTables(config_.K, config_.L));
-    const HostPagePool::SeqId one[] = {seq->pool_id};
-    HATTN_RETURN_IF_ERROR(im.pool.build_page_table(one, &seq->page_table));
+    const HostPagePool::SeqId one[] = {pool_id};
+    if (Status st = im.pool.build_page_table(one, &seq->page_table); !st) {
+      (void)im.pool.release(pool_id);
+      return st;
+    }
     seq->view = im.pool.view(seq->page_table);
     const std::int64_t ni = seq->indexed();
     if (ni > 0) {
@@ -337,11 +362,11 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
         s.tables[h].build(codes.data(), ni);
       });
     }
+    seqs_.emplace(id, std::move(seq));
   } catch (const std::bad_alloc&) {
-    (void)im.pool.release(seq->pool_id);
+    (void)im.pool.release(pool_id);
     return {StatusCode::kOutOfMemory, "prefill: out of memory building the index"};
   }
-  seqs_.emplace(id, std::move(seq));
   return Status::ok();
 }
 
@@ -356,43 +381,76 @@ Status LshAttention::append(SeqId id, const void* keys, const void* values, std:
     return {StatusCode::kInvalidArgument, "append: keys or values is null"};
   Impl& im = *impl_;
   Seq& s = *it->second;
+  // All or nothing: the pool's append is (kOutOfMemory changes nothing), and
+  // everything after it that can fail (the page table, the keys' means and
+  // codes, the tables' new arrays) is made aside first; the pool append is
+  // undone if any of it fails. Only then does the sequence change.
+  const std::int64_t old_len = s.length;
   HATTN_RETURN_IF_ERROR(im.pool.append(s.pool_id, keys, values, n, token_stride));
-  s.length += n;
-  const HostPagePool::SeqId one[] = {s.pool_id};
-  HATTN_RETURN_IF_ERROR(im.pool.build_page_table(one, &s.page_table));
-  s.view = im.pool.view(s.page_table);
-  if (s.length - s.indexed_end <= config_.max_exact_tail) return Status::ok();
-
-  // Move the older part of the tail into the index.
   const std::int32_t Hk = shape_.num_kv_heads, D = shape_.head_dim;
-  if (s.indexed() == 0) {
-    s.sink_end = std::min<std::int64_t>(config_.sink, s.length);
-    s.indexed_end = std::max(s.indexed_end, s.sink_end);
-  }
-  const std::int64_t from = s.indexed_end, to = s.length - config_.window;
-  if (to <= from) return Status::ok();
-  const std::int64_t nn = to - from;
+  const std::int64_t length = old_len + n;
+  std::int64_t sink_end = s.sink_end, indexed_end = s.indexed_end;
+  PageTable table;
+  std::vector<float> mu;
+  std::vector<LshTables::Pending> pending;
   try {
-    std::vector<std::uint16_t> codes(static_cast<std::size_t>(nn) * config_.L);
-    std::vector<float> row(static_cast<std::size_t>(D));
-    for (std::int32_t h = 0; h < Hk; ++h) {
-      float* mu = s.mu.data() + std::int64_t{h} * D;
-      if (!s.centered) {  // nothing was indexed at prefill: mu of the first indexed keys
-        std::vector<double> sum(static_cast<std::size_t>(D), 0.0);
-        for (std::int64_t t = from; t < to; ++t) {
-          widen_row(hattn::detail::row_at(s.view, 0, h, t).k, shape_.kv_dtype, D, row.data());
-          for (std::int32_t d = 0; d < D; ++d) sum[d] += row[d];
-        }
-        for (std::int32_t d = 0; d < D; ++d) mu[d] = static_cast<float>(sum[d] / double(nn));
+    const HostPagePool::SeqId one[] = {s.pool_id};
+    if (Status st = im.pool.build_page_table(one, &table); !st) {
+      (void)im.pool.truncate(s.pool_id, old_len);
+      return st;
+    }
+    const PagedKvView view = im.pool.view(table);
+    if (length - indexed_end > config_.max_exact_tail) {
+      // Move the older part of the tail into the index.
+      if (indexed_end - sink_end == 0) {
+        sink_end = std::min<std::int64_t>(config_.sink, length);
+        indexed_end = std::max(indexed_end, sink_end);
       }
-      hash_rows(s.view, h, from, to, mu, im.proj_of(h), codes.data());
-      s.tables[static_cast<std::size_t>(h)].insert(codes.data(), nn);
+      const std::int64_t from = indexed_end, to = length - config_.window;
+      if (to > from) {
+        const std::int64_t nn = to - from;
+        mu = s.mu;
+        std::vector<std::uint16_t> codes(static_cast<std::size_t>(nn) * config_.L);
+        std::vector<float> row(static_cast<std::size_t>(D));
+        pending.reserve(static_cast<std::size_t>(Hk));
+        for (std::int32_t h = 0; h < Hk; ++h) {
+          float* muh = mu.data() + std::int64_t{h} * D;
+          if (!s.centered) {  // nothing was indexed at prefill: mu of the first indexed keys
+            std::vector<double> sum(static_cast<std::size_t>(D), 0.0);
+            for (std::int64_t t = from; t < to; ++t) {
+              widen_row(hattn::detail::row_at(view, 0, h, t).k, shape_.kv_dtype, D, row.data());
+              for (std::int32_t d = 0; d < D; ++d) sum[d] += row[d];
+            }
+            for (std::int32_t d = 0; d < D; ++d) muh[d] = static_cast<float>(sum[d] / double(nn));
+          }
+          hash_rows(view, h, from, to, muh, im.proj_of(h), codes.data());
+          pending.push_back(s.tables[static_cast<std::size_t>(h)].prepare_insert(codes.data(), nn));
+        }
+        indexed_end = to;
+      }
     }
   } catch (const std::bad_alloc&) {
+    (void)im.pool.truncate(s.pool_id, old_len);
     return {StatusCode::kOutOfMemory, "append: out of memory growing the index"};
   }
-  s.centered = true;
-  s.indexed_end = to;
+  // Commit: nothing below can fail.
+  s.page_table = std::move(table);
+  s.view = im.pool.view(s.page_table);
+  s.length = length;
+  s.sink_end = sink_end;
+  s.indexed_end = indexed_end;
+  if (!pending.empty()) {
+    s.mu.swap(mu);
+    for (std::int32_t h = 0; h < Hk; ++h)
+      s.tables[static_cast<std::size_t>(h)].commit(std::move(pending[static_cast<std::size_t>(h)]));
+    s.centered = true;
+    // Folding side tables into the main ones is only for speed.
+    for (LshTables& t : s.tables)
+      if (t.wants_compact()) try {
+          t.compact();
+        } catch (const std::bad_alloc&) {
+        }
+  }
   return Status::ok();
 }
 
@@ -782,6 +840,9 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
     return {StatusCode::kInvalidArgument, "decode: head_dim differs from the layer's"};
   if (B > 0 && (q.data == nullptr || out.o == nullptr || out.lse2 == nullptr))
     return {StatusCode::kInvalidArgument, "decode: null q or out"};
+  if (q.stride_batch < 0 || q.stride_head < 0)
+    return {StatusCode::kInvalidArgument, "decode: query strides are negative"};
+  HATTN_RETURN_IF_ERROR(hattn::detail::validate_partial(out, true));
   if (!hattn::contains<SupportedQueryDTypes>(q.dtype) ||
       !hattn::contains<SupportedOutDTypes>(out.dtype))
     return {StatusCode::kNotSupported, "decode: query or output dtype is not supported"};

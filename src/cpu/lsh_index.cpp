@@ -1,6 +1,9 @@
 #include "hattn/cpu/lsh_index.hpp"
 
 #include <algorithm>
+#include <new>
+#include <stdexcept>
+#include <utility>
 
 namespace hattn::cpu {
 
@@ -10,51 +13,69 @@ constexpr std::int64_t kSideMin = 1024;  // side entries per table before a fold
 
 }  // namespace
 
-void LshTables::rebuild_main(const std::uint16_t* codes, std::int64_t n) {
+LshTables::LshTables(std::int32_t K, std::int32_t L) : K_(K), L_(L) {
+  if (K < 1 || K > 16 || L < 1) throw std::invalid_argument("LshTables: K must be 1..16, L >= 1");
+}
+
+LshTables::Main LshTables::make_main(const std::uint16_t* codes, std::int64_t n) const {
   const std::size_t nb = bucket_count(), L = static_cast<std::size_t>(L_);
-  main_size_ = n;
-  wide_ = n >= 65536;
-  offsets_.assign(L * (nb + 1), 0u);
-  idx16_.clear();
-  idx32_.clear();
-  if (wide_)
-    idx32_.resize(L * static_cast<std::size_t>(n));
+  Main m;
+  m.n = n;
+  m.wide = n >= 65536;
+  m.offsets.assign(L * (nb + 1), 0u);
+  if (m.wide)
+    m.idx32.resize(L * static_cast<std::size_t>(n));
   else
-    idx16_.resize(L * static_cast<std::size_t>(n));
+    m.idx16.resize(L * static_cast<std::size_t>(n));
   std::vector<std::uint32_t> cursor(nb);
   for (std::size_t l = 0; l < L; ++l) {
-    std::uint32_t* off = offsets_.data() + l * (nb + 1);
+    std::uint32_t* off = m.offsets.data() + l * (nb + 1);
     for (std::int64_t i = 0; i < n; ++i) ++off[codes[i * L_ + l] + 1];
     for (std::size_t c = 0; c < nb; ++c) off[c + 1] += off[c];
     std::copy(off, off + nb, cursor.begin());
     const std::size_t base = l * static_cast<std::size_t>(n);
     // Positions in ascending order: each bucket comes out sorted (stable).
-    if (wide_) {
+    if (m.wide) {
       for (std::int64_t i = 0; i < n; ++i)
-        idx32_[base + cursor[codes[i * L_ + l]]++] = static_cast<std::uint32_t>(i);
+        m.idx32[base + cursor[codes[i * L_ + l]]++] = static_cast<std::uint32_t>(i);
     } else {
       for (std::int64_t i = 0; i < n; ++i)
-        idx16_[base + cursor[codes[i * L_ + l]]++] = static_cast<std::uint16_t>(i);
+        m.idx16[base + cursor[codes[i * L_ + l]]++] = static_cast<std::uint16_t>(i);
     }
   }
+  return m;
+}
+
+void LshTables::set_main(Main&& m) noexcept {
+  offsets_ = std::move(m.offsets);
+  idx16_ = std::move(m.idx16);
+  idx32_ = std::move(m.idx32);
+  wide_ = m.wide;
+  main_size_ = m.n;
 }
 
 void LshTables::build(const std::uint16_t* codes, std::int64_t n) {
+  Main m = make_main(codes, n);  // may throw: nothing has changed yet
+  set_main(std::move(m));
   side_.clear();
   side_.shrink_to_fit();
   side_size_ = 0;
-  rebuild_main(codes, n);
 }
 
-void LshTables::insert(const std::uint16_t* codes, std::int64_t n) {
-  if (n <= 0) return;
+LshTables::Pending LshTables::prepare_insert(const std::uint16_t* codes, std::int64_t n) const {
+  Pending p;
+  if (n <= 0) {
+    p.side_size = -1;  // nothing to commit
+    return p;
+  }
   if (main_size_ == 0 && side_size_ == 0) {
-    rebuild_main(codes, n);
-    return;
+    p.main = true;
+    p.m = make_main(codes, n);
+    return p;
   }
   const std::int64_t first = size();
   const std::int64_t ns = side_size_ + n;
-  Vec<std::uint64_t> side(static_cast<std::size_t>(L_) * static_cast<std::size_t>(ns));
+  p.side.resize(static_cast<std::size_t>(L_) * static_cast<std::size_t>(ns));
   std::vector<std::uint64_t> batch(static_cast<std::size_t>(n));
   for (std::int32_t l = 0; l < L_; ++l) {
     for (std::int64_t i = 0; i < n; ++i)
@@ -62,11 +83,33 @@ void LshTables::insert(const std::uint16_t* codes, std::int64_t n) {
     std::sort(batch.begin(), batch.end());
     const std::uint64_t* old = side_.data() + static_cast<std::size_t>(l) * side_size_;
     std::merge(old, old + side_size_, batch.begin(), batch.end(),
-               side.begin() + static_cast<std::ptrdiff_t>(l) * ns);
+               p.side.begin() + static_cast<std::ptrdiff_t>(l) * ns);
   }
-  side_ = std::move(side);
-  side_size_ = ns;
-  if (side_size_ > std::max(kSideMin, main_size_ / 8)) compact();
+  p.side_size = ns;
+  return p;
+}
+
+void LshTables::commit(Pending&& p) noexcept {
+  if (p.main) {
+    set_main(std::move(p.m));
+  } else if (p.side_size >= 0) {
+    side_ = std::move(p.side);
+    side_size_ = p.side_size;
+  }
+}
+
+bool LshTables::wants_compact() const noexcept {
+  return side_size_ > std::max(kSideMin, main_size_ / 8);
+}
+
+void LshTables::insert(const std::uint16_t* codes, std::int64_t n) {
+  commit(prepare_insert(codes, n));
+  // The positions are in; folding them into the main tables is only for
+  // speed, so a failure to allocate for it is not one of insert's.
+  if (wants_compact()) try {
+      compact();
+    } catch (const std::bad_alloc&) {
+    }
 }
 
 void LshTables::compact() {

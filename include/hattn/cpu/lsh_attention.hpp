@@ -120,7 +120,9 @@ class LshAttention {
   // mu of (seq, kv_head): head_dim floats.
   Status mu(SeqId seq, std::int32_t kv_head, std::span<const float>* out) const noexcept;
   const LshTables* tables(SeqId seq, std::int32_t kv_head) const noexcept;
-  const SimHash& projection(std::int32_t kv_head) const noexcept;
+  // The projection that hashes KV head kv_head; nullptr for a head outside
+  // [0, num_kv_heads).
+  const SimHash* projection(std::int32_t kv_head) const noexcept;
   // Absolute positions query q (head_dim f32, query head q_head) samples,
   // ascending: what decode attends beyond the exact part.
   Status sampled_positions(SeqId seq, std::int32_t q_head, const float* q,

@@ -23,7 +23,9 @@ namespace hattn::cpu {
 class LshTables {
  public:
   LshTables() = default;
-  LshTables(std::int32_t K, std::int32_t L) : K_(K), L_(L) {}
+  // K in 1..16, L >= 1 (std::invalid_argument otherwise). Every code given
+  // to build() and insert() must be below 2^K.
+  LshTables(std::int32_t K, std::int32_t L);
 
   std::int32_t K() const noexcept { return K_; }
   std::int32_t L() const noexcept { return L_; }
@@ -34,9 +36,19 @@ class LshTables {
 
   // Replace everything with positions 0..n-1 whose codes are codes[i * L + l].
   void build(const std::uint16_t* codes, std::int64_t n);
-  // Add positions size()..size()+n-1.
+  // Add positions size()..size()+n-1. Strong guarantee: if it throws
+  // (std::bad_alloc), the tables are unchanged.
   void insert(const std::uint16_t* codes, std::int64_t n);
-  // Fold the side tables into the main ones.
+  // insert() in two phases, for callers that change several tables at once:
+  // prepare_insert() allocates everything and may throw; commit() cannot
+  // fail. A Pending is valid only for the tables that made it, unchanged
+  // since. commit() does not compact; insert() does when the side is large.
+  class Pending;
+  Pending prepare_insert(const std::uint16_t* codes, std::int64_t n) const;
+  void commit(Pending&& p) noexcept;
+  // Whether the side tables have grown enough that compact() should run.
+  bool wants_compact() const noexcept;
+  // Fold the side tables into the main ones. Strong guarantee, like insert().
   void compact();
 
   // f(position) for every position in bucket `code` of table l, main table
@@ -106,19 +118,43 @@ class LshTables {
   std::size_t bytes() const noexcept;
 
  private:
+  template <class T>
+  using Vec = std::vector<T, ::hattn::detail::HugePageAllocator<T>>;
+  // Main tables over positions 0..n-1, built aside.
+  struct Main {
+    Vec<std::uint32_t> offsets;
+    Vec<std::uint16_t> idx16;
+    Vec<std::uint32_t> idx32;
+    bool wide = false;
+    std::int64_t n = 0;
+  };
+
   std::size_t bucket_count() const noexcept { return std::size_t{1} << K_; }
-  void rebuild_main(const std::uint16_t* codes, std::int64_t n);
+  Main make_main(const std::uint16_t* codes, std::int64_t n) const;
+  void set_main(Main&& m) noexcept;
 
   std::int32_t K_ = 0, L_ = 0;
   bool wide_ = false;
   std::int64_t main_size_ = 0;
   std::int64_t side_size_ = 0;
-  template <class T>
-  using Vec = std::vector<T, ::hattn::detail::HugePageAllocator<T>>;
   Vec<std::uint32_t> offsets_;  // [L][2^K + 1]
   Vec<std::uint16_t> idx16_;    // [L][main_size_]
   Vec<std::uint32_t> idx32_;
   Vec<std::uint64_t> side_;  // [L][side_size_]: code << 32 | position, sorted
+};
+
+// What LshTables::insert() needs, allocated: new main tables (the first
+// insert into empty tables) or the merged side tables.
+class LshTables::Pending {
+ public:
+  Pending() = default;
+
+ private:
+  friend class LshTables;
+  bool main = false;
+  Main m;
+  Vec<std::uint64_t> side;
+  std::int64_t side_size = 0;
 };
 
 }  // namespace hattn::cpu
