@@ -475,6 +475,12 @@ TEST_CASE("run with a plan that does not fit the inputs is an invalid argument",
     const DecodePlan copy = newer;  // a copy of the newest plan is still that plan
     CHECK(f.backend.run(copy, f.paged_in.query(), kv, buf.view(), hattn_test::shared_executor()) ==
           kOk);
+    // Plans of the two view types share one sequence of stamps.
+    DecodePlan dense;
+    REQUIRE(f.backend.plan(p, f.dense_in.dense(), ws.data(), ws.size(), &dense) == kOk);
+    expect_run_fails(f, newer, f.paged_in.query(), kv, buf.view(), buf, kInvalid);
+    REQUIRE(f.backend.plan(p, kv, ws.data(), ws.size(), &newer) == kOk);
+    expect_run_fails(f, dense, f.dense_in.query(), f.dense_in.dense(), buf.view(), buf, kInvalid);
   }
   SECTION("a plan for another problem") {
     // Planned for 4 query heads; run with views of 8 query heads.

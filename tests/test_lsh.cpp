@@ -956,6 +956,14 @@ TEST_CASE("lsh: strides, sizes and heads out of range are errors that change not
   s.max_tokens = 4096;
   s.max_sequences = INT32_MAX;
   CHECK(LshAttention::create(LshConfig{}, s, &a).code() == StatusCode::kInvalidArgument);
+  s.max_sequences = 2;
+  s.page_size = 1;
+  s.max_tokens = INT64_MAX;
+  CHECK(LshAttention::create(LshConfig{}, s, &a).code() == StatusCode::kInvalidArgument);
+  s.page_size = 16;
+  s.max_tokens = 4096;
+  s.sm_scale = 3e38f;  // finite, but 3e38 * log2(e) is not
+  CHECK(LshAttention::create(LshConfig{}, s, &a).code() == StatusCode::kInvalidArgument);
 
   LshLayer layer = make_layer(config(8, 20), 8, 2, 64, DType::kBF16, {500}, rng);
   LshAttention& L = *layer.attn;
@@ -999,57 +1007,100 @@ TEST_CASE("lsh: strides, sizes and heads out of range are errors that change not
   CHECK(L.decode(known, qv, ov, shared_executor()).is_ok());
 }
 
-TEST_CASE("lsh: an append that runs out of memory at any allocation changes nothing",
-          "[lsh][errors]") {
-  auto rng = make_rng("lsh-append-oom");
-  LshLayer layer = make_layer(config(8, 20), 8, 2, 64, DType::kBF16, {600}, rng);
-  LshAttention& L = *layer.attn;
-  const std::int64_t seq[] = {100};
-  const std::int64_t n = 300;  // 600 + 300 - 536 > max_exact_tail: the append indexes
+namespace {
+
+// What an LSH sequence's state shows from outside: its partition, memory,
+// table sizes and a decode's output bits.
+struct SeqState {
+  std::int64_t sink_end, tail_begin, length;
+  std::size_t kv, index;
+  std::vector<std::int64_t> sizes;
+  std::vector<float> o, lse;
+  bool operator==(const SeqState&) const = default;
+};
+
+SeqState seq_state(LshAttention& L, std::int64_t id, const std::vector<float>& q) {
+  SeqState st{};
+  LshPartition p;
+  REQUIRE(L.partition(id, &p).is_ok());
+  st.sink_end = p.sink_end;
+  st.tail_begin = p.tail_begin;
+  st.length = p.length;
+  LshMemory m;
+  REQUIRE(L.memory(id, &m).is_ok());
+  st.kv = m.kv;
+  st.index = m.index;
+  for (std::int32_t h = 0; h < 2; ++h) st.sizes.push_back(L.tables(id, h)->size());
+  st.o.assign(8 * 64, 0.0f);
+  st.lse.assign(8, 0.0f);
+  const std::int64_t ids[] = {id};
+  REQUIRE(L.decode(ids, make_query_view(q.data(), DType::kF32, 1, 8, 64),
+                   make_partial_view(st.o.data(), DType::kF32, st.lse.data(), 1, 8, 64),
+                   shared_executor())
+              .is_ok());
+  return st;
+}
+
+// Appends n tokens to sequence id, failing each allocation of the call in
+// turn until it succeeds; every failure must be kOutOfMemory and leave the
+// sequence as it was. Returns how many failed.
+int append_failing_each_allocation(LshAttention& L, std::int64_t id, std::int64_t n,
+                                   std::mt19937_64& rng) {
   const auto keys = encode(normals(rng, std::size_t(n) * 2 * 64), DType::kBF16);
   const auto values = encode(normals(rng, std::size_t(n) * 2 * 64), DType::kBF16);
   const std::vector<float> q = normals(rng, 8 * 64);
-  struct State {
-    std::int64_t sink_end, tail_begin, length;
-    std::size_t kv, index;
-    std::vector<std::int64_t> sizes;
-    std::vector<float> o, lse;
-    bool operator==(const State&) const = default;
-  };
-  auto state = [&] {
-    State st{};
-    LshPartition p;
-    REQUIRE(L.partition(100, &p).is_ok());
-    st.sink_end = p.sink_end;
-    st.tail_begin = p.tail_begin;
-    st.length = p.length;
-    LshMemory m;
-    REQUIRE(L.memory(100, &m).is_ok());
-    st.kv = m.kv;
-    st.index = m.index;
-    for (std::int32_t h = 0; h < 2; ++h) st.sizes.push_back(L.tables(100, h)->size());
-    st.o.assign(8 * 64, 0.0f);
-    st.lse.assign(8, 0.0f);
-    REQUIRE(L.decode(seq, make_query_view(q.data(), DType::kF32, 1, 8, 64),
-                     make_partial_view(st.o.data(), DType::kF32, st.lse.data(), 1, 8, 64),
-                     shared_executor())
-                .is_ok());
-    return st;
-  };
-  const State before = state();
-  REQUIRE(before.tail_begin == 600 - 64);
+  const SeqState before = seq_state(L, id, q);
   int failed = 0;
   for (long k = 0;; ++k) {
     hattn_test::fail_allocation_in(k);
-    const Status st = L.append(100, keys.data(), values.data(), n);
+    const Status st = L.append(id, keys.data(), values.data(), n);
     hattn_test::fail_allocation_in(-1);
     if (st.is_ok()) break;
     INFO("allocation " << k << " failed");
     REQUIRE(st.code() == StatusCode::kOutOfMemory);
     ++failed;
-    CHECK(state() == before);
+    CHECK(seq_state(L, id, q) == before);
   }
-  CHECK(failed > 0);
+  return failed;
+}
+
+}  // namespace
+
+TEST_CASE("lsh: an append that runs out of memory at any allocation changes nothing",
+          "[lsh][errors]") {
+  auto rng = make_rng("lsh-append-oom");
+  // Two sequences: 600 tokens (indexed at prefill: the append adds side
+  // tables) and 30 (nothing indexed yet: the append computes the key means
+  // and builds the first tables).
+  LshLayer layer = make_layer(config(8, 20), 8, 2, 64, DType::kBF16, {600, 30}, rng);
+  LshAttention& L = *layer.attn;
+  const std::vector<float> q = normals(rng, 8 * 64);
+  for (const std::int64_t id : {100, 101}) {
+    const SeqState before = seq_state(L, id, q);
+    INFO("sequence " << id);
+    // Past max_exact_tail (256) beyond what is indexed: the append indexes.
+    CHECK(append_failing_each_allocation(L, id, 300, rng) > 0);
+    const SeqState done = seq_state(L, id, q);
+    CHECK(done.length == before.length + 300);
+    CHECK(done.tail_begin == done.length - 64);
+    CHECK(done.sizes[0] == done.tail_begin - done.sink_end);
+    CHECK(done.sizes[1] == done.sizes[0]);
+  }
+  // The first tables of sequence 101 equal a rebuild over the same positions.
+  for (std::int32_t h = 0; h < 2; ++h) {
+    const LshTables before = *L.tables(101, h);
+    REQUIRE(L.rebuild_index(101, shared_executor()).is_ok());
+    const LshTables& after = *L.tables(101, h);
+    REQUIRE(after.size() == before.size());
+    for (std::int32_t l = 0; l < before.L(); ++l)
+      for (std::uint32_t c = 0; c < 256; ++c) {
+        std::vector<std::uint32_t> x, y;
+        before.for_each_in_bucket(l, c, [&](std::uint32_t i) { x.push_back(i); });
+        after.for_each_in_bucket(l, c, [&](std::uint32_t i) { y.push_back(i); });
+        REQUIRE(x == y);
+      }
+  }
+
   // A prefill that fails at any allocation (of the calling thread) leaves no
   // sequence and no pages behind.
   const std::int64_t np = 700;
@@ -1067,15 +1118,14 @@ TEST_CASE("lsh: an append that runs out of memory at any allocation changes noth
   }
   CHECK(prefill_failed > 0);
   REQUIRE(L.release(9).is_ok());
-  const State done = state();
-  CHECK(done.length == 900);
-  CHECK(done.tail_begin == 900 - 64);
-  CHECK(done.sizes[0] == 900 - 64 - before.sink_end);
-  // Every page is back: the pool (600 + 4096 tokens and a page per
-  // sequence) takes the rest of its capacity in one prefill.
-  const std::int64_t rest = 600 + 4096 - 900;
+  // Every page is back: the pool has ceil((630 + 4096) / 16) + 3 = 299
+  // pages; the two sequences hold ceil(900 / 16) + ceil(330 / 16) = 57 + 21.
+  // A prefill of the other 221 pages' tokens fits exactly.
+  const std::int64_t rest = (299 - 57 - 21) * 16;
   const auto rk = encode(normals(rng, std::size_t(rest) * 2 * 64), DType::kBF16);
   CHECK(L.prefill(10, rk.data(), rk.data(), rest, shared_executor()).is_ok());
+  CHECK(L.prefill(11, rk.data(), rk.data(), 1, shared_executor()).code() ==
+        StatusCode::kOutOfMemory);
 }
 
 TEST_CASE("lsh: memory accounting; positions in 16 bits below 65536", "[lsh]") {

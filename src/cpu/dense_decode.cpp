@@ -54,6 +54,9 @@ std::int64_t max_items(const DecodeProblem& p) noexcept {
   return std::int64_t{p.batch_size} + DenseDecode::kTargetItems;
 }
 
+// Plan stamps, one counter for every view type (plan() is a template).
+std::atomic<std::uint64_t> g_next_stamp{1};
+
 // Carves the workspace.
 struct Layout {
   std::size_t stamp, items, merges, seq_lens, slot_o, slot_m, slot_l, total;
@@ -138,8 +141,7 @@ Status DenseDecode::plan(const DecodeProblem& p, const Kv& kv, void* workspace,
   pl.problem = p;
   // A plan made later in the same workspace overwrites this one's arrays:
   // the stamp lets run() refuse the older plan.
-  static std::atomic<std::uint64_t> next_stamp{1};
-  pl.stamp = next_stamp.fetch_add(1, std::memory_order_relaxed);
+  pl.stamp = g_next_stamp.fetch_add(1, std::memory_order_relaxed);
   pl.stamp_at = reinterpret_cast<std::uint64_t*>(base + lay.stamp);
   *pl.stamp_at = pl.stamp;
   pl.items = reinterpret_cast<detail::WorkItem*>(base + lay.items);

@@ -213,10 +213,17 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
   if (s.sm_scale && !(std::isfinite(*s.sm_scale) && *s.sm_scale > 0.0f))
     return {StatusCode::kInvalidArgument, "LshShape: sm_scale must be positive and finite"};
 
+  if (s.sm_scale && !std::isfinite(*s.sm_scale * 1.4426950408889634f))
+    return {StatusCode::kInvalidArgument,
+            "LshShape: sm_scale is too large (sm_scale * log2(e) overflows f32)"};
   // Pages for max_tokens plus a partial page per sequence, without overflow.
+  constexpr std::int64_t kMaxPages = std::numeric_limits<std::int32_t>::max();
+  if (s.max_tokens / s.page_size > kMaxPages - 1 - s.max_sequences)
+    return {StatusCode::kInvalidArgument,
+            "LshShape: max_tokens / page_size + max_sequences exceeds 2^31 - 1 pages"};
   const std::int64_t pages = s.max_tokens / s.page_size + (s.max_tokens % s.page_size != 0) +
                              std::int64_t{s.max_sequences};
-  if (pages > std::numeric_limits<std::int32_t>::max())
+  if (pages > kMaxPages)
     return {StatusCode::kInvalidArgument,
             "LshShape: max_tokens / page_size + max_sequences exceeds 2^31 - 1 pages"};
 

@@ -63,11 +63,8 @@ void LshTables::build(const std::uint16_t* codes, std::int64_t n) {
 }
 
 LshTables::Pending LshTables::prepare_insert(const std::uint16_t* codes, std::int64_t n) const {
-  Pending p;
-  if (n <= 0) {
-    p.side_size = -1;  // nothing to commit
-    return p;
-  }
+  Pending p;  // side_size -1: nothing to commit
+  if (n <= 0) return p;
   if (main_size_ == 0 && side_size_ == 0) {
     p.main = true;
     p.m = make_main(codes, n);

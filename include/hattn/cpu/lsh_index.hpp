@@ -154,7 +154,7 @@ class LshTables::Pending {
   bool main = false;
   Main m;
   Vec<std::uint64_t> side;
-  std::int64_t side_size = 0;
+  std::int64_t side_size = -1;  // -1: nothing to commit (an empty insert, or default-made)
 };
 
 }  // namespace hattn::cpu
