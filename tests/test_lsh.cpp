@@ -7,6 +7,7 @@
 #include <numbers>
 #include <numeric>
 #include <span>
+#include <stdexcept>
 
 #include <catch2/catch.hpp>
 
@@ -1126,6 +1127,68 @@ TEST_CASE("lsh: an append that runs out of memory at any allocation changes noth
   CHECK(L.prefill(10, rk.data(), rk.data(), rest, shared_executor()).is_ok());
   CHECK(L.prefill(11, rk.data(), rk.data(), 1, shared_executor()).code() ==
         StatusCode::kOutOfMemory);
+}
+
+TEST_CASE("lsh: LshTables checks K and L, and build, insert and compact keep the tables on failure",
+          "[lsh][errors]") {
+  CHECK_THROWS_AS(LshTables(0, 10), std::invalid_argument);
+  CHECK_THROWS_AS(LshTables(17, 10), std::invalid_argument);
+  CHECK_THROWS_AS(LshTables(8, 0), std::invalid_argument);
+  auto rng = make_rng("lsh-tables-oom");
+  const std::int32_t K = 6, L = 5;
+  auto codes = [&](std::int64_t n) {
+    std::vector<std::uint16_t> c(static_cast<std::size_t>(n * L));
+    for (auto& x : c) x = static_cast<std::uint16_t>(rng() % (1u << K));
+    return c;
+  };
+  auto contents = [&](const LshTables& t) {
+    std::vector<std::vector<std::uint32_t>> all;
+    for (std::int32_t l = 0; l < L; ++l)
+      for (std::uint32_t c = 0; c < (1u << K); ++c) {
+        all.emplace_back();
+        t.for_each_in_bucket(l, c, [&](std::uint32_t i) { all.back().push_back(i); });
+      }
+    return all;
+  };
+  LshTables t(K, L);
+  const auto c0 = codes(300), c1 = codes(200), c2 = codes(2000);
+  t.build(c0.data(), 300);
+  t.insert(c1.data(), 200);  // side tables
+  REQUIRE(t.side_size() == 200);
+  const auto before = contents(t);
+  // Each operation, failing at every allocation in turn, until it succeeds.
+  auto each_failure = [&](auto&& op) {
+    int failed = 0;
+    for (long k = 0;; ++k) {
+      hattn_test::fail_allocation_in(k);
+      bool ok = true;
+      try {
+        op();
+      } catch (const std::bad_alloc&) {
+        ok = false;
+      }
+      hattn_test::fail_allocation_in(-1);
+      if (ok) return failed;
+      ++failed;
+      CHECK(t.size() == 500);
+      CHECK(t.side_size() == 200);
+      CHECK(contents(t) == before);
+    }
+  };
+  LshTables copy = t;
+  CHECK(each_failure([&] { t.compact(); }) > 0);
+  CHECK(t.side_size() == 0);
+  CHECK(contents(t) == before);
+  t = copy;
+  CHECK(each_failure([&] {
+          LshTables::Pending p = t.prepare_insert(c2.data(), 2000);
+          t.commit(std::move(p));
+        }) > 0);
+  CHECK(t.size() == 2500);
+  t = copy;
+  CHECK(each_failure([&] { t.build(c2.data(), 2000); }) > 0);
+  CHECK(t.size() == 2000);
+  CHECK(t.side_size() == 0);
 }
 
 TEST_CASE("lsh: memory accounting; positions in 16 bits below 65536", "[lsh]") {
