@@ -99,9 +99,7 @@ Status HostPagePool::append(SeqId id, const void* k, const void* v, std::int64_t
   // Room left, before any sum with n (which may be near INT64_MAX).
   if (n > (have - s.len) + free_pages() * P)
     return {StatusCode::kOutOfMemory, "append: the page pool has too few free pages"};
-  const std::int64_t need_pages = (s.len + n - have + P - 1) / P;
-  if (need_pages > free_pages())
-    return {StatusCode::kOutOfMemory, "append: the page pool has too few free pages"};
+  const std::int64_t need_pages = (s.len + n - have + P - 1) / P;  // <= free_pages()
   try {
     s.pages.reserve(s.pages.size() +
                     static_cast<std::size_t>(std::max<std::int64_t>(need_pages, 0)));

@@ -210,22 +210,17 @@ Status LshAttention::create(const LshConfig& config, const LshShape& s,
   if (s.max_tokens <= 0 || s.max_sequences <= 0 || s.page_size <= 0)
     return {StatusCode::kInvalidArgument,
             "LshShape: max_tokens, max_sequences and page_size must be positive"};
-  if (s.sm_scale && !(std::isfinite(*s.sm_scale) && *s.sm_scale > 0.0f))
-    return {StatusCode::kInvalidArgument, "LshShape: sm_scale must be positive and finite"};
-
-  if (s.sm_scale && !std::isfinite(*s.sm_scale * 1.4426950408889634f))
+  if (s.sm_scale && !(hattn::detail::scale_is_finite_in_base2(*s.sm_scale) && *s.sm_scale > 0.0f))
     return {StatusCode::kInvalidArgument,
-            "LshShape: sm_scale is too large (sm_scale * log2(e) overflows f32)"};
-  // Pages for max_tokens plus a partial page per sequence, without overflow.
+            "LshShape: sm_scale must be positive, and finite times log2(e)"};
+  // Pages for max_tokens plus a partial page per sequence, checked before
+  // the sum so it cannot overflow (then it is at most 2^31 - 1).
   constexpr std::int64_t kMaxPages = std::numeric_limits<std::int32_t>::max();
   if (s.max_tokens / s.page_size > kMaxPages - 1 - s.max_sequences)
     return {StatusCode::kInvalidArgument,
             "LshShape: max_tokens / page_size + max_sequences exceeds 2^31 - 1 pages"};
   const std::int64_t pages = s.max_tokens / s.page_size + (s.max_tokens % s.page_size != 0) +
                              std::int64_t{s.max_sequences};
-  if (pages > kMaxPages)
-    return {StatusCode::kInvalidArgument,
-            "LshShape: max_tokens / page_size + max_sequences exceeds 2^31 - 1 pages"};
 
   std::unique_ptr<LshAttention> a(new LshAttention(config, s, isa));
   try {
@@ -451,12 +446,7 @@ Status LshAttention::append(SeqId id, const void* keys, const void* values, std:
     for (std::int32_t h = 0; h < Hk; ++h)
       s.tables[static_cast<std::size_t>(h)].commit(std::move(pending[static_cast<std::size_t>(h)]));
     s.centered = true;
-    // Folding side tables into the main ones is only for speed.
-    for (LshTables& t : s.tables)
-      if (t.wants_compact()) try {
-          t.compact();
-        } catch (const std::bad_alloc&) {
-        }
+    for (LshTables& t : s.tables) t.compact_if_large();
   }
   return Status::ok();
 }
@@ -839,17 +829,11 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   const std::int32_t Hq = shape_.num_q_heads, Hk = shape_.num_kv_heads, D = shape_.head_dim;
   const std::int32_t G = Hq / Hk;
   const auto B = static_cast<std::int32_t>(ids.size());
-  if (q.batch_size != B || out.batch_size != B)
-    return {StatusCode::kInvalidArgument, "decode: batch of q/out differs from the sequence count"};
-  if (q.num_heads != Hq || out.num_heads != Hq)
-    return {StatusCode::kInvalidArgument, "decode: head count differs from the layer's"};
-  if (q.head_dim != D || out.head_dim != D)
-    return {StatusCode::kInvalidArgument, "decode: head_dim differs from the layer's"};
-  if (B > 0 && (q.data == nullptr || out.o == nullptr || out.lse2 == nullptr))
-    return {StatusCode::kInvalidArgument, "decode: null q or out"};
-  if (q.stride_batch < 0 || q.stride_head < 0)
-    return {StatusCode::kInvalidArgument, "decode: query strides are negative"};
-  HATTN_RETURN_IF_ERROR(hattn::detail::validate_partial(out, true));
+  // The views' shapes, pointers and strides, as the dense backends check
+  // them, for the problem this step is (its dtypes are the views' own).
+  const DecodeProblem step{B, Hq, Hk, D, shape_.kv_dtype, q.dtype, out.dtype, shape_.sm_scale};
+  HATTN_RETURN_IF_ERROR(hattn::validate(step, q));
+  HATTN_RETURN_IF_ERROR(hattn::validate(step, out));
   if (!hattn::contains<SupportedQueryDTypes>(q.dtype) ||
       !hattn::contains<SupportedOutDTypes>(out.dtype))
     return {StatusCode::kNotSupported, "decode: query or output dtype is not supported"};

@@ -95,18 +95,17 @@ void LshTables::commit(Pending&& p) noexcept {
   }
 }
 
-bool LshTables::wants_compact() const noexcept {
-  return side_size_ > std::max(kSideMin, main_size_ / 8);
+void LshTables::compact_if_large() noexcept {
+  if (side_size_ <= std::max(kSideMin, main_size_ / 8)) return;
+  try {
+    compact();
+  } catch (const std::bad_alloc&) {
+  }
 }
 
 void LshTables::insert(const std::uint16_t* codes, std::int64_t n) {
   commit(prepare_insert(codes, n));
-  // The positions are in; folding them into the main tables is only for
-  // speed, so a failure to allocate for it is not one of insert's.
-  if (wants_compact()) try {
-      compact();
-    } catch (const std::bad_alloc&) {
-    }
+  compact_if_large();
 }
 
 void LshTables::compact() {

@@ -15,6 +15,12 @@ namespace hattn {
 namespace detail {
 inline Status invalid(const char* msg) noexcept { return {StatusCode::kInvalidArgument, msg}; }
 
+// Whether a softmax scale is usable: kernels work in base 2, with q scaled by
+// sm_scale * log2(e), which must stay a finite f32.
+inline bool scale_is_finite_in_base2(float sm_scale) noexcept {
+  return std::isfinite(sm_scale) && std::isfinite(sm_scale * 1.4426950408889634f);
+}
+
 // Whether runs of `len` elements at i * si + j * sj (0 <= i < ni, 0 <= j < nj;
 // strides >= 0) are pairwise disjoint, checked as nested: the smaller stride
 // of the dimensions with more than one index steps over whole runs, the
@@ -57,10 +63,8 @@ inline Status validate(const DecodeProblem& p) noexcept {
   if (p.num_q_heads % p.num_kv_heads != 0)
     return invalid("num_q_heads is not a multiple of num_kv_heads");
   if (p.head_dim <= 0) return invalid("head_dim must be positive");
-  if (p.sm_scale && !std::isfinite(*p.sm_scale)) return invalid("sm_scale is not finite");
-  // Kernels work in base 2 with q scaled by sm_scale * log2(e).
-  if (p.sm_scale && !std::isfinite(*p.sm_scale * 1.4426950408889634f))
-    return invalid("sm_scale is too large (sm_scale * log2(e) overflows f32)");
+  if (p.sm_scale && !detail::scale_is_finite_in_base2(*p.sm_scale))
+    return invalid("sm_scale is not finite, or sm_scale * log2(e) overflows f32");
   return Status::ok();
 }
 
@@ -84,9 +88,7 @@ inline Status validate(const DecodeProblem& p, const PartialView& out) noexcept 
   if (out.dtype != p.o_dtype) return invalid("output dtype does not match the problem");
   if (p.batch_size > 0 && (out.o == nullptr || out.lse2 == nullptr))
     return invalid("output o or lse2 is null");
-  if (out.stride_batch < 0 || out.stride_head < 0 || out.lse_stride_batch < 0)
-    return invalid("output strides are negative");
-  return detail::validate_partial(out, true);
+  return detail::validate_partial(out, true);  // strides: not negative, rows disjoint
 }
 
 namespace detail {

@@ -46,10 +46,11 @@ class LshTables {
   class Pending;
   Pending prepare_insert(const std::uint16_t* codes, std::int64_t n) const;
   void commit(Pending&& p) noexcept;
-  // Whether the side tables have grown enough that compact() should run.
-  bool wants_compact() const noexcept;
   // Fold the side tables into the main ones. Strong guarantee, like insert().
   void compact();
+  // compact() once the side tables have grown enough to slow retrieval; a
+  // failure to allocate for it leaves them as they are (it is only for speed).
+  void compact_if_large() noexcept;
 
   // f(position) for every position in bucket `code` of table l, main table
   // first, ascending within each.
