@@ -4,7 +4,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstring>
+#include <new>
+#include <stdexcept>
 #include <vector>
 
 #include "common/catch_print.hpp"
@@ -114,5 +117,28 @@ TEST_CASE("decode is bitwise identical on 1, 2 and all threads and a borrowed ar
     std::mt19937_64 rng = hattn_test::make_rng("determinism/dense");
     const DecodeInputs in(c, rng);
     check_deterministic(c, in, in.dense());
+  }
+}
+
+TEST_CASE("CpuExecutor runs every item once; try_parallel_for turns an exception into a Status",
+          "[executor][errors]") {
+  for (const int threads : {1, 2, 4}) {
+    INFO(threads << " threads");
+    const hattn::CpuExecutor ex(threads);
+    std::vector<int> seen(1000, 0);
+    REQUIRE(ex.try_parallel_for(1000, [&](std::int64_t i) { ++seen[i]; }).is_ok());
+    CHECK(std::count(seen.begin(), seen.end(), 1) == 1000);
+    CHECK(
+        ex.try_parallel_for(0, [](std::int64_t) { throw std::runtime_error("none run"); }).is_ok());
+    CHECK(ex.try_parallel_for(100, [](std::int64_t i) {
+              if (i == 37) throw std::bad_alloc();
+            }).code() == hattn::StatusCode::kOutOfMemory);
+    CHECK(ex.try_parallel_for(100, [](std::int64_t i) {
+              if (i == 99) throw std::runtime_error("item 99");
+            }).code() == hattn::StatusCode::kInternal);
+    // The executor still works after a failed call.
+    std::fill(seen.begin(), seen.end(), 0);
+    REQUIRE(ex.try_parallel_for(1000, [&](std::int64_t i) { ++seen[i]; }).is_ok());
+    CHECK(std::count(seen.begin(), seen.end(), 1) == 1000);
   }
 }

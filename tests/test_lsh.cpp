@@ -1191,6 +1191,53 @@ TEST_CASE("lsh: LshTables checks K and L, and build, insert and compact keep the
   CHECK(t.side_size() == 0);
 }
 
+TEST_CASE(
+    "lsh: a decode that runs out of memory returns kOutOfMemory, and a retry gives the same bits",
+    "[lsh][errors]") {
+  // One thread, so every allocation of the step happens on the calling
+  // thread, where the hook fails it; a fresh layer, so the step's scratch
+  // still has to grow. Both gathers: the union one allocates inside the
+  // step's parallel items too.
+  for (LshConfig::Gather gather : {LshConfig::Gather::kPerHead, LshConfig::Gather::kUnion}) {
+    INFO("gather " << static_cast<int>(gather));
+    LshConfig cfg = config(8, 20);
+    cfg.gather = gather;
+    const CpuExecutor one(1);
+    auto decode_on_fresh_layer = [&](bool failing, int* failed) {
+      auto rng = make_rng("lsh-decode-oom");
+      LshLayer layer = make_layer(cfg, 8, 2, 64, DType::kBF16, {700, 300}, rng);
+      const std::vector<float> q = normals(rng, 2 * 8 * 64);
+      std::vector<float> o(2 * 8 * 64, -1.0f), lse(2 * 8, -1.0f);
+      const std::int64_t ids[] = {100, 101};
+      const auto qv = make_query_view(q.data(), DType::kF32, 2, 8, 64);
+      const auto ov = make_partial_view(o.data(), DType::kF32, lse.data(), 2, 8, 64);
+      for (long k = 0;; ++k) {
+        if (failing) hattn_test::fail_allocation_in(k);
+        Status st;
+        try {
+          st = layer.attn->decode(ids, qv, ov, one);
+        } catch (const std::exception& e) {
+          hattn_test::fail_allocation_in(-1);
+          FAIL("decode threw: " << e.what() << " (allocation " << k << ")");
+        }
+        hattn_test::fail_allocation_in(-1);
+        if (st.is_ok()) break;
+        INFO("allocation " << k << " failed");
+        REQUIRE(st.code() == StatusCode::kOutOfMemory);
+        ++*failed;
+      }
+      return std::pair{o, lse};
+    };
+    int none = 0, failed = 0;
+    const auto ref = decode_on_fresh_layer(false, &none);
+    const auto got = decode_on_fresh_layer(true, &failed);
+    CHECK(none == 0);
+    CHECK(failed > 0);
+    CHECK(got.first == ref.first);
+    CHECK(got.second == ref.second);
+  }
+}
+
 TEST_CASE("lsh: memory accounting; positions in 16 bits below 65536", "[lsh]") {
   auto rng = make_rng("lsh-memory");
   LshLayer layer = make_layer(config(10, 150), 4, 1, 128, DType::kBF16, {8192}, rng);

@@ -361,9 +361,11 @@ Status DenseDecode::run(const DecodePlan& pl, const QueryView& q, const Kv& kv,
     ctx.q_natural[i] = detail::natural_index(i, ctx.kernel.q_order, ctx.kernel.order_block);
   }
 
-  executor.parallel_for(pl.num_items, [&](std::int64_t i) { attend_item(pl.items[i], ctx, kv); });
-  executor.parallel_for(pl.num_merges, [&](std::int64_t i) { merge_item(pl.merges[i], pl, out); });
-  return Status::ok();
+  // The items do not throw; TBB may (std::bad_alloc for its tasks).
+  HATTN_RETURN_IF_ERROR(executor.try_parallel_for(
+      pl.num_items, [&](std::int64_t i) { attend_item(pl.items[i], ctx, kv); }));
+  return executor.try_parallel_for(pl.num_merges,
+                                   [&](std::int64_t i) { merge_item(pl.merges[i], pl, out); });
 }
 
 template Status DenseDecode::plan(const DecodeProblem&, const PagedKvView&, void*, std::size_t,

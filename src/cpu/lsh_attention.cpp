@@ -28,6 +28,19 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr std::int32_t kCorrIntervals = 1 << 14;  // of the -ln(u + eps) table over [-1, 1]
 constexpr std::int64_t kHashBlock = 256;          // rows centered and hashed at once
 
+// f() as a Status that never throws: std::bad_alloc anywhere in it (its
+// parallel items included: TBB passes their exceptions on) is kOutOfMemory.
+template <class F>
+Status status_of(F&& f) noexcept {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "LshAttention: out of memory"};
+  } catch (...) {
+    return {StatusCode::kInternal, "LshAttention: unexpected exception"};
+  }
+}
+
 template <class F>
 void visit_dtype(DType t, F&& f) {
   switch (t) {
@@ -107,42 +120,50 @@ struct Scratch {
   // at 64K positions).
   void reserve(std::int64_t n, std::int64_t exact_rows, std::int32_t D, std::int32_t L,
                std::int32_t m, std::int32_t heads) {
+    // Every array is checked against its own need, and the ones laid out by
+    // cap and head_cap are made aside and swapped in last, so a failed
+    // allocation leaves the scratch consistent with cap and head_cap.
     const auto hd = static_cast<std::size_t>(kMaxGroupPerPass) * D;
     for (auto* v : {&qd, &acc, &os, &oe})
       if (v->size() < hd) v->resize(hd);
     if (muk.size() < static_cast<std::size_t>(D)) muk.resize(static_cast<std::size_t>(D));
-    if (qcodes.size() < static_cast<std::size_t>(kMaxGroupPerPass) * L) {
-      qcodes.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
-      ranges.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L * 2);
-      bounds.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
-      pbase.resize(static_cast<std::size_t>(kMaxGroupPerPass) * L);
-    }
-    if (n > cap || heads > head_cap) {
-      cap = std::max(cap, n);
-      head_cap = std::max(head_cap, heads);
-      const auto words = static_cast<std::size_t>((cap + 63) / 64);
-      hits.assign(static_cast<std::size_t>(head_cap) * words, 0);
-      marks.clear();  // regrown below, zeroed
-      counters.clear();
-      sampled.reserve(static_cast<std::size_t>(cap));
-      listed.resize(static_cast<std::size_t>(cap) + 64);
-      umask.reserve(static_cast<std::size_t>(cap) + detail::kLshPad);
-    }
+    const auto hl = static_cast<std::size_t>(kMaxGroupPerPass) * L;
+    if (qcodes.size() < hl) qcodes.resize(hl);
+    if (ranges.size() < 2 * hl) ranges.resize(2 * hl);
+    if (bounds.size() < hl) bounds.resize(hl);
+    if (pbase.size() < hl) pbase.resize(hl);
+    const auto rows = static_cast<std::size_t>(std::max(n, exact_rows));
+    if (krows.size() < rows) krows.resize(rows);
+    if (vrows.size() < rows) vrows.resize(rows);
+
+    const std::int64_t new_cap = std::max(cap, n);
+    const std::int32_t new_heads = std::max(head_cap, heads);
+    const auto words = static_cast<std::size_t>((new_cap + 63) / 64);
+    const auto ncap = static_cast<std::size_t>(new_cap);
+    if (sampled.capacity() < ncap) sampled.reserve(ncap);
+    if (listed.size() < ncap + 64) listed.resize(ncap + 64);
+    if (umask.capacity() < ncap + detail::kLshPad) umask.reserve(ncap + detail::kLshPad);
+    const bool regrow = new_cap != cap || new_heads != head_cap;
     const bool thermometer = m <= detail::kMaxThermometer;
-    const auto need_marks =
-        static_cast<std::size_t>(thermometer ? std::int64_t{head_cap} * ((cap + 63) / 64 * 64) : 0);
-    if (marks.size() < need_marks) marks.assign(need_marks, 0);
-    const auto need_counters =
-        static_cast<std::size_t>(thermometer ? 0 : std::int64_t{head_cap} * cap);
-    if (counters.size() < need_counters) {
-      counters.assign(need_counters, 0);
+    const auto need_marks = thermometer ? static_cast<std::size_t>(new_heads) * words * 64 : 0;
+    const auto need_counters = thermometer ? 0 : static_cast<std::size_t>(new_heads) * ncap;
+    const bool new_marks = regrow || marks.size() < need_marks;
+    const bool new_counters = regrow || counters.size() < need_counters;
+    decltype(hits) h;
+    decltype(marks) mk;
+    decltype(counters) ct;
+    if (regrow) h.assign(static_cast<std::size_t>(new_heads) * words, 0);
+    if (new_marks) mk.assign(need_marks, 0);
+    if (new_counters) ct.assign(need_counters, 0);
+    // Nothing below throws.
+    if (regrow) hits.swap(h);
+    if (new_marks) marks.swap(mk);
+    if (new_counters) {
+      counters.swap(ct);
       epoch = 0;
     }
-    const auto rows = static_cast<std::size_t>(std::max(n, exact_rows));
-    if (krows.size() < rows) {
-      krows.resize(rows);
-      vrows.resize(rows);
-    }
+    cap = new_cap;
+    head_cap = new_heads;
   }
   // A fresh epoch: counters of older epochs read as zero.
   std::uint16_t next_epoch() noexcept {
@@ -735,27 +756,29 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
     return {StatusCode::kInvalidArgument, "sampled_positions: bad head or null pointer"};
   const Seq& s = *it->second;
   const std::int32_t h = q_head / (shape_.num_q_heads / shape_.num_kv_heads);
-  Scratch sc;
-  sc.reserve(std::max<std::int64_t>(1, s.indexed()), 0, shape_.head_dim, config_.L,
-             config_.min_collisions, 1);
-  std::vector<std::uint16_t> codes(static_cast<std::size_t>(config_.L));
-  impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
-  retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
-           config_.min_collisions, config_.sample_all, impl_->scan, sc);
-  out->clear();
-  for (std::int32_t j = 0; j < sc.nlisted; ++j)  // ascending
-    out->push_back(s.sink_end + sc.listed[static_cast<std::size_t>(j)]);
-  return Status::ok();
+  return status_of([&] {
+    Scratch sc;
+    sc.reserve(std::max<std::int64_t>(1, s.indexed()), 0, shape_.head_dim, config_.L,
+               config_.min_collisions, 1);
+    std::vector<std::uint16_t> codes(static_cast<std::size_t>(config_.L));
+    impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
+    retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
+             config_.min_collisions, config_.sample_all, impl_->scan, sc);
+    out->clear();
+    for (std::int32_t j = 0; j < sc.nlisted; ++j)  // ascending
+      out->push_back(s.sink_end + sc.listed[static_cast<std::size_t>(j)]);
+    return Status::ok();
+  });
 }
 
 Status LshAttention::decode(std::span<const SeqId> seqs, const QueryView& q, const PartialView& out,
-                            const CpuExecutor& executor) {
-  return decode_impl(seqs, q, out, executor, true);
+                            const CpuExecutor& executor) noexcept {
+  return status_of([&] { return decode_impl(seqs, q, out, executor, true); });
 }
 
 Status LshAttention::decode_sampled(std::span<const SeqId> seqs, const QueryView& q,
-                                    const PartialView& out, const CpuExecutor& executor) {
-  return decode_impl(seqs, q, out, executor, false);
+                                    const PartialView& out, const CpuExecutor& executor) noexcept {
+  return status_of([&] { return decode_impl(seqs, q, out, executor, false); });
 }
 
 namespace {

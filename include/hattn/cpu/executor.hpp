@@ -9,6 +9,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <new>
+
+#include "hattn/core/status.hpp"
 
 namespace hattn {
 
@@ -28,7 +31,9 @@ class CpuExecutor {
   int concurrency() const { return arena_->max_concurrency(); }
   tbb::task_arena& arena() const noexcept { return *arena_; }
 
-  // Run f(i) for i in [0, n) on the arena and wait. f must not throw.
+  // Run f(i) for i in [0, n) on the arena and wait. An exception from f, or
+  // from TBB itself (std::bad_alloc when it cannot allocate its tasks), comes
+  // out of this call once the items that started have finished.
   template <class F>
   void parallel_for(std::int64_t n, const F& f) const {
     if (n <= 0) return;
@@ -44,6 +49,20 @@ class CpuExecutor {
                           for (std::int64_t i = r.begin(); i < r.end(); ++i) f(i);
                         });
     });
+  }
+
+  // parallel_for for noexcept callers: an exception becomes kOutOfMemory
+  // (std::bad_alloc) or kInternal, and the items may then have run in part.
+  template <class F>
+  [[nodiscard]] Status try_parallel_for(std::int64_t n, const F& f) const noexcept {
+    try {
+      parallel_for(n, f);
+      return Status::ok();
+    } catch (const std::bad_alloc&) {
+      return {StatusCode::kOutOfMemory, "parallel_for: out of memory"};
+    } catch (...) {
+      return {StatusCode::kInternal, "parallel_for: a task threw"};
+    }
   }
 
  private:

@@ -106,12 +106,14 @@ class LshAttention {
   Status release(SeqId seq);
 
   // Attention of one query per sequence: q is [B][num_q_heads][head_dim]
-  // (q.batch_size == seqs.size()); out gets the merged (o, lse2).
+  // (q.batch_size == seqs.size()); out gets the merged (o, lse2). Never
+  // throws: running out of memory anywhere in the step is kOutOfMemory, and
+  // leaves the layer as it was (out is then undefined).
   Status decode(std::span<const SeqId> seqs, const QueryView& q, const PartialView& out,
-                const CpuExecutor& executor);
+                const CpuExecutor& executor) noexcept;
   // The sampled partial alone (lse2 = -inf where nothing is sampled).
   Status decode_sampled(std::span<const SeqId> seqs, const QueryView& q, const PartialView& out,
-                        const CpuExecutor& executor);
+                        const CpuExecutor& executor) noexcept;
 
   // Introspection (tests, benchmarks, callers that split the work).
   bool contains(SeqId seq) const noexcept { return seqs_.count(seq) != 0; }
