@@ -146,9 +146,10 @@ Status HostPagePool::truncate(SeqId id, std::int64_t len) noexcept {
   return Status::ok();
 }
 
-Status HostPagePool::release(SeqId id) {
+Status HostPagePool::release(SeqId id) noexcept {
   if (seq_len(id) < 0) return {StatusCode::kInvalidArgument, "release: unknown sequence"};
   Seq& s = seqs_[id];
+  // free_ has room for every page (see truncate).
   for (auto it = s.pages.rbegin(); it != s.pages.rend(); ++it) free_.push_back(*it);
   s = Seq{};
   return Status::ok();

@@ -349,11 +349,16 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
     return {StatusCode::kOutOfMemory, "prefill: out of memory"};
   }
   const HostPagePool::SeqId pool_id = seq->pool_id;
-  if (Status st = im.pool.append(pool_id, keys, values, n, token_stride); !st) {
-    (void)im.pool.release(pool_id);
-    return st;
-  }
-  // From here every failure returns the pool sequence's pages.
+  // Every failure from here returns the pool sequence and its pages.
+  struct ReleaseUnlessKept {
+    HostPagePool& pool;
+    HostPagePool::SeqId id;
+    bool kept = false;
+    ~ReleaseUnlessKept() {
+      if (!kept) (void)pool.release(id);
+    }
+  } guard{im.pool, pool_id};
+  HATTN_RETURN_IF_ERROR(im.pool.append(pool_id, keys, values, n, token_stride));
   try {
     seq->length = n;
     seq->sink_end = std::min<std::int64_t>(config_.sink, n);
@@ -361,10 +366,7 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
     seq->mu.assign(static_cast<std::size_t>(Hk) * D, 0.0f);
     seq->tables.assign(static_cast<std::size_t>(Hk), LshTables(config_.K, config_.L));
     const HostPagePool::SeqId one[] = {pool_id};
-    if (Status st = im.pool.build_page_table(one, &seq->page_table); !st) {
-      (void)im.pool.release(pool_id);
-      return st;
-    }
+    HATTN_RETURN_IF_ERROR(im.pool.build_page_table(one, &seq->page_table));
     seq->view = im.pool.view(seq->page_table);
     const std::int64_t ni = seq->indexed();
     if (ni > 0) {
@@ -387,9 +389,9 @@ Status LshAttention::prefill(SeqId id, const void* keys, const void* values, std
     }
     seqs_.emplace(id, std::move(seq));
   } catch (const std::bad_alloc&) {
-    (void)im.pool.release(pool_id);
     return {StatusCode::kOutOfMemory, "prefill: out of memory building the index"};
   }
+  guard.kept = true;
   return Status::ok();
 }
 

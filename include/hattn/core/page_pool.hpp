@@ -65,8 +65,8 @@ class HostPagePool {
   // pages no longer used. Cannot fail for a live sequence and a valid len:
   // undoes an append when a caller's later step fails.
   Status truncate(SeqId id, std::int64_t len) noexcept;
-  // Return the sequence's pages to the pool.
-  Status release(SeqId id);
+  // Return the sequence's pages to the pool (never allocates).
+  Status release(SeqId id) noexcept;
   // Length of a live sequence, or -1 for an unknown id.
   std::int64_t seq_len(SeqId id) const noexcept;
 
