@@ -766,9 +766,10 @@ Status LshAttention::sampled_positions(SeqId id, std::int32_t q_head, const floa
     impl_->proj_of(h).hash(q, 1, shape_.head_dim, codes.data());
     retrieve(s.tables[static_cast<std::size_t>(h)], s.indexed(), 1, codes.data(), config_.L,
              config_.min_collisions, config_.sample_all, impl_->scan, sc);
-    out->clear();
+    std::vector<std::int64_t> positions(static_cast<std::size_t>(sc.nlisted));
     for (std::int32_t j = 0; j < sc.nlisted; ++j)  // ascending
-      out->push_back(s.sink_end + sc.listed[static_cast<std::size_t>(j)]);
+      positions[static_cast<std::size_t>(j)] = s.sink_end + sc.listed[static_cast<std::size_t>(j)];
+    out->swap(positions);  // *out changes only on success
     return Status::ok();
   });
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Allocation failure on demand, for the all-or-nothing tests. The test
-// binary replaces the global operator new (common/alloc_fail.cpp) with one
+// binary replaces the global operator new, plain and aligned
+// (common/alloc_fail.cpp), with one
 // that, after fail_allocation_in(k), throws std::bad_alloc at the k-th call
 // from then on (0: the next one) on the calling thread, once; k = -1 (the
 // default) never fails.
