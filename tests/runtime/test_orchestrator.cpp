@@ -143,6 +143,58 @@ bool overlaps(const TimelineEntry& a, const TimelineEntry& b) {
 
 }  // namespace
 
+TEST_CASE("HostKvCache::truncate keeps the first tokens, frees the rest, and checks its input",
+          "[runtime]") {
+  hattn::PagePoolOptions o;
+  o.dtype = hattn::DType::kF32;
+  o.num_kv_heads = 2;
+  o.head_dim = 4;
+  o.page_size = 4;
+  o.num_pages = 16;
+  HostKvCache kv(2, o);
+  std::int32_t a = -1, b = -1;
+  REQUIRE(kv.add_sequence(&a).is_ok());
+  REQUIRE(kv.add_sequence(&b).is_ok());
+  const std::int64_t n = 11, row = 2 * 4;
+  std::vector<float> k(n * row), v(n * row);
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>(i);
+    v[i] = -static_cast<float>(i);
+  }
+  for (std::int32_t l = 0; l < 2; ++l) {
+    REQUIRE(kv.append(l, a, k.data(), v.data(), n).is_ok());
+    REQUIRE(kv.append(l, b, k.data(), v.data(), 3).is_ok());
+  }
+  const std::int64_t free_before = kv.pool(1).free_pages();
+  REQUIRE(kv.truncate(1, a, 5).is_ok());  // 3 pages -> 2
+  CHECK(kv.seq_len(1, a) == 5);
+  CHECK(kv.seq_len(0, a) == n);  // other layers keep theirs
+  CHECK(kv.pool(1).free_pages() == free_before + 1);
+  // The kept tokens read back unchanged, then an append continues them.
+  REQUIRE(kv.append(1, a, k.data() + 5 * row, v.data() + 5 * row, n - 5).is_ok());
+  hattn::PageTable table;
+  const std::int32_t seqs[] = {a};
+  const std::int64_t all[] = {n};
+  REQUIRE(kv.build_page_table(1, seqs, all, 1, &table).is_ok());
+  const hattn::PagedKvView view = kv.pool(1).view(table);
+  for (std::int64_t t = 0; t < n; ++t)
+    for (std::int32_t h = 0; h < 2; ++h)
+      for (std::int32_t d = 0; d < 4; ++d) {
+        const std::int64_t page = table.indices[static_cast<std::size_t>(t / 4)];
+        const std::int64_t off = page * view.k_strides.outer + (t % 4) * view.k_strides.token +
+                                 h * view.k_strides.head + d;
+        CHECK(static_cast<const float*>(view.k)[off] == k[t * row + h * 4 + d]);
+        CHECK(static_cast<const float*>(view.v)[off] == v[t * row + h * 4 + d]);
+      }
+  CHECK(kv.truncate(1, a, n).is_ok());  // to its own length: nothing to do
+  CHECK(kv.truncate(1, a, n + 1).code() == StatusCode::kInvalidArgument);
+  CHECK(kv.truncate(1, a, -1).code() == StatusCode::kInvalidArgument);
+  CHECK(kv.truncate(2, a, 0).code() == StatusCode::kInvalidArgument);
+  CHECK(kv.truncate(0, 7, 0).code() == StatusCode::kInvalidArgument);
+  REQUIRE(kv.truncate(0, b, 0).is_ok());
+  CHECK(kv.seq_len(0, b) == 0);
+}
+
 TEST_CASE("HostStream runs in order; events order work across streams", "[runtime]") {
   HostStream s1, s2;
   hattn::runtime::HostEvent e;

@@ -67,6 +67,8 @@ class CudaDenseDecoder {
   // min(chunk, max_prefill_tokens); `last_logits` (host, vocab floats, may be
   // null) gets the logits of the last token. kOutOfMemory past max_seq_len,
   // kInvalidArgument for an id outside the vocabulary (nothing is run then).
+  // `on_chunk(done, total)`, when set, reports progress after each chunk; if
+  // it throws, prefill stops there with kInternal.
   Status prefill(int seq, std::span<const std::int32_t> tokens, std::int64_t chunk,
                  float* last_logits,
                  const std::function<void(std::int64_t, std::int64_t)>& on_chunk = {}) noexcept;

@@ -6,7 +6,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -54,38 +53,12 @@ class HostKvCache {
     return valid(layer, seq) ? pools_[layer].seq_len(ids_[seq][layer]) : -1;
   }
   // Keep the first `len` tokens of a sequence in one layer (undoing appends of
-  // a failed step). Copies the kept tokens out and back in: a slow path.
-  Status truncate(std::int32_t layer, std::int32_t seq, std::int64_t len) {
+  // a failed step); the pages past them go back to the pool. Never allocates.
+  Status truncate(std::int32_t layer, std::int32_t seq, std::int64_t len) noexcept {
     const std::int64_t have = seq_len(layer, seq);
     if (have < 0 || len < 0 || len > have)
       return {StatusCode::kInvalidArgument, "HostKvCache::truncate: bad layer, seq or length"};
-    if (len == have) return Status::ok();
-    HostPagePool& pool = pools_[layer];
-    const PagePoolOptions& o = pool.options();
-    const std::size_t es = size_of(o.dtype);
-    const std::size_t row = static_cast<std::size_t>(o.num_kv_heads) * o.head_dim * es;
-    std::vector<std::byte> k(row * len), v(row * len);
-    PageTable table;
-    const HostPagePool::SeqId id = ids_[seq][layer];
-    HATTN_RETURN_IF_ERROR(pool.build_page_table({&id, 1}, &table));
-    const PagedKvView view = pool.view(table);
-    for (std::int64_t t = 0; t < len; ++t) {
-      const std::int64_t page = table.indices[static_cast<std::size_t>(t / o.page_size)];
-      for (std::int32_t h = 0; h < o.num_kv_heads; ++h) {
-        const std::int64_t off = page * view.k_strides.outer +
-                                 (t % o.page_size) * view.k_strides.token + h * view.k_strides.head;
-        const std::size_t dst = t * row + static_cast<std::size_t>(h) * o.head_dim * es;
-        std::memcpy(k.data() + dst, static_cast<const std::byte*>(view.k) + off * es,
-                    o.head_dim * es);
-        std::memcpy(v.data() + dst, static_cast<const std::byte*>(view.v) + off * es,
-                    o.head_dim * es);
-      }
-    }
-    HATTN_RETURN_IF_ERROR(pool.release(id));
-    HostPagePool::SeqId fresh = 0;
-    HATTN_RETURN_IF_ERROR(pool.create_sequence(&fresh));
-    ids_[seq][layer] = fresh;
-    return pool.append(fresh, k.data(), v.data(), len);
+    return pools_[layer].truncate(ids_[seq][layer], len);
   }
 
   HostPagePool::SeqId pool_seq(std::int32_t layer, std::int32_t seq) const noexcept {

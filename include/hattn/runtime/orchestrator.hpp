@@ -156,7 +156,10 @@ class DecodeOrchestrator {
 
   // Waits for the streams and the CPU thread to finish what was issued.
   ~DecodeOrchestrator() {
-    (void)drain(Deadline::max());
+    try {
+      (void)drain(Deadline::max());
+    } catch (...) {  // a host stream's event could not be allocated: stop anyway
+    }
     stop_.store(true, std::memory_order_release);
     ring_.wake();
     cpu_thread_.join();

@@ -308,7 +308,14 @@ Status CudaDenseDecoder::prefill(
     HATTN_RETURN_IF_ERROR(finish(run_tokens(n, up, plan_lens_.data(), static_cast<std::int32_t>(n),
                                             n - 1, 1, last ? last_logits : nullptr)));
     len += n;
-    if (on_chunk) on_chunk(done + n, total);
+    if (on_chunk) {
+      try {
+        on_chunk(done + n, total);
+      } catch (...) {
+        return {StatusCode::kInternal,
+                "CudaDenseDecoder::prefill: on_chunk threw (the chunks before stay in the cache)"};
+      }
+    }
   }
   return Status::ok();
 }
