@@ -39,7 +39,8 @@ class HostStream {
 
   // Starts the worker thread; throws std::system_error if it cannot.
   HostStream() : worker_([this] { run(); }) {}
-  // thread_init() runs first on the worker thread (placement, naming).
+  // thread_init() runs first on the worker thread (placement, naming). It
+  // must not throw: it runs outside any handler, so that would terminate.
   explicit HostStream(std::function<void()> thread_init)
       : worker_([this, init = std::move(thread_init)] {
           if (init) init();

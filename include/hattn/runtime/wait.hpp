@@ -48,7 +48,10 @@ class SpinThenBlock {
     return cv_.wait_until(lock, deadline, ready);
   }
 
-  void notify() {
+  // noexcept: std::mutex::lock throws only when the OS refuses a lock that is
+  // held briefly and never recursively (EDEADLK/EINVAL); the ring's noexcept
+  // publish and release call this, and would terminate then.
+  void notify() noexcept {
     { std::lock_guard<std::mutex> lock(mutex_); }
     cv_.notify_all();
   }
