@@ -48,9 +48,9 @@ class SpinThenBlock {
     return cv_.wait_until(lock, deadline, ready);
   }
 
-  // noexcept: std::mutex::lock throws only when the OS refuses a lock that is
-  // held briefly and never recursively (EDEADLK/EINVAL); the ring's noexcept
-  // publish and release call this, and would terminate then.
+  // noexcept: std::mutex::lock throws only if pthread_mutex_lock fails, which
+  // a default mutex that is never locked recursively does not. The ring's
+  // noexcept publish and release call this.
   void notify() noexcept {
     { std::lock_guard<std::mutex> lock(mutex_); }
     cv_.notify_all();

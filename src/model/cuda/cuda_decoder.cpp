@@ -312,8 +312,9 @@ Status CudaDenseDecoder::prefill(
       try {
         on_chunk(done + n, total);
       } catch (...) {
-        return {StatusCode::kInternal,
-                "CudaDenseDecoder::prefill: on_chunk threw (the chunks before stay in the cache)"};
+        return {
+            StatusCode::kInternal,
+            "CudaDenseDecoder::prefill: on_chunk threw (the chunks run so far stay in the cache)"};
       }
     }
   }
