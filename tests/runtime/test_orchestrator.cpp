@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/alloc_fail.hpp"
 #include "common/seed.hpp"
 #include "hattn/runtime/affinity.hpp"
 #include "hattn/runtime/cpu_attention.hpp"
@@ -545,6 +546,54 @@ TEST_CASE("Failures return a Status and the next step succeeds", "[runtime]") {
     for (std::int32_t l = 0; l < cfg.num_layers; ++l)
       for (std::int32_t i = 0; i < 5; ++i) CHECK(p.orch_kv.seq_len(l, i) == p.ref_kv.seq_len(l, i));
   }
+}
+
+TEST_CASE("An allocation failure on the issuing thread fails the step with a Status, rolled back",
+          "[runtime][errors]") {
+  // Step k fails the k-th allocation step() makes on this thread (its inputs'
+  // copies, the queued work, the streams' events), for k = 0, 1, ... until a
+  // step makes fewer. Each failed step must return a Status, not throw, and
+  // be undone: the one step that succeeds at the end must equal a single step
+  // run in sequence. (Found: the events drain and finish wait on let
+  // bad_alloc out of step(), with the step not rolled back.)
+  ToyConfig cfg;
+  cfg.num_layers = 3;
+  cfg.num_micro_batches = 2;
+  cfg.prefix_lens = {33, 64, 5};
+  const auto seqs = iota_seqs(3);
+  hattn::CpuExecutor executor(kAttentionThreads);
+  Pair p(cfg, hattn_test::make_rng("alloc-failures")());
+  const Stages st = p.orch_engine.stages<HostStream*>();
+  HostStream compute, copy;
+  DecodeOrchestrator<HostStream, DenseCpuAttention> orch(options_for(cfg), compute, copy, p.orch_kv,
+                                                         p.orch_backend, executor);
+  long failed = 0;
+  for (long k = 0;; ++k) {
+    INFO("allocation " << k << " failed");
+    p.orch_engine.save();
+    hattn_test::fail_allocation_in(k);
+    Status s;
+    bool threw = false;
+    try {
+      s = orch.step(seqs, p.orch_engine.io(), st);
+    } catch (...) {
+      threw = true;
+    }
+    hattn_test::fail_allocation_in(-1);
+    REQUIRE_FALSE(threw);
+    if (s) break;
+    ++failed;
+    CHECK(s == StatusCode::kOutOfMemory);
+    REQUIRE(orch.wait_idle(hattn::runtime::deadline_after(std::chrono::seconds(20))));
+    p.orch_engine.restore();
+  }
+  CHECK(failed > 0);
+  REQUIRE(hattn_test::run_sequential(p.ref_engine, p.ref_kv, p.ref_backend, executor,
+                                     PartitionPolicy::all_cpu(), cfg.num_layers,
+                                     cfg.num_micro_batches, 0));
+  CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
+  for (std::int32_t l = 0; l < cfg.num_layers; ++l)
+    for (std::int32_t i = 0; i < 3; ++i) CHECK(p.orch_kv.seq_len(l, i) == p.ref_kv.seq_len(l, i));
 }
 
 TEST_CASE("Orchestrator rejects bad input with a Status", "[runtime]") {

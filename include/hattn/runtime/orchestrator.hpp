@@ -29,10 +29,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
+#include <new>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <thread>
@@ -154,11 +158,16 @@ class DecodeOrchestrator {
     cpu_thread_ = std::thread([this] { cpu_loop(); });
   }
 
-  // Waits for the streams and the CPU thread to finish what was issued. If
-  // drain cannot allocate a host stream's event this terminates: stopping
-  // anyway would leave work queued on the streams pointing at this object.
+  // Waits for the streams and the CPU thread to finish what was issued.
+  // Without a deadline drain fails only when it cannot allocate a host
+  // stream's event; it is tried again a few times, then this terminates:
+  // stopping anyway would leave work queued on the streams pointing at this
+  // object.
   ~DecodeOrchestrator() {
-    (void)drain(Deadline::max());
+    for (int tries = 0; !drain(Deadline::max()); ++tries) {
+      if (tries == 100) std::terminate();
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
     stop_.store(true, std::memory_order_release);
     ring_.wake();
     cpu_thread_.join();
@@ -491,7 +500,14 @@ class DecodeOrchestrator {
   // Wait until both streams have run everything issued (events complete even
   // after an error), then collect their errors.
   Status streams_idle(Deadline deadline) {
-    typename S::Event c, k;
+    std::optional<typename S::Event> ce, ke;  // a host stream's event allocates
+    try {
+      ce.emplace();
+      ke.emplace();
+    } catch (const std::bad_alloc&) {
+      return {StatusCode::kOutOfMemory, "DecodeOrchestrator: cannot allocate a stream event"};
+    }
+    typename S::Event &c = *ce, &k = *ke;
     HATTN_RETURN_IF_ERROR(c.record(compute_));
     HATTN_RETURN_IF_ERROR(k.record(copy_));
     if (!c.synchronize(deadline) || !k.synchronize(deadline))
