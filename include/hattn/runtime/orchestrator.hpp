@@ -158,13 +158,15 @@ class DecodeOrchestrator {
     cpu_thread_ = std::thread([this] { cpu_loop(); });
   }
 
-  // Waits for the streams and the CPU thread to finish what was issued.
-  // Without a deadline drain fails only when it cannot allocate a host
-  // stream's event; it is tried again a few times, then this terminates:
-  // stopping anyway would leave work queued on the streams pointing at this
-  // object.
+  // Waits for the streams and the CPU thread to finish what was issued. A
+  // drain that could not allocate (a host stream's event) is tried again a
+  // few times, then this terminates: stopping anyway would leave work queued
+  // on the streams pointing at this object. Other errors (a device's) stop
+  // as they are.
   ~DecodeOrchestrator() {
-    for (int tries = 0; !drain(Deadline::max()); ++tries) {
+    for (int tries = 0;; ++tries) {
+      const Status s = drain(Deadline::max());
+      if (s || s.code() != StatusCode::kOutOfMemory) break;
       if (tries == 100) std::terminate();
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
