@@ -104,6 +104,19 @@ struct Pair {
         ref_kv(ref_engine.make_host_cache()),
         orch_backend(max_problem(c)),
         ref_backend(max_problem(c)) {}
+
+  // After the orchestrated side's one successful step: runs one step of the
+  // reference in sequence and checks both sides agree, bit for bit and in
+  // their host KV lengths over the first num_seqs sequences.
+  void check_one_sequential_step(const hattn::CpuExecutor& executor, std::int32_t num_seqs) {
+    REQUIRE(hattn_test::run_sequential(ref_engine, ref_kv, ref_backend, executor,
+                                       PartitionPolicy::all_cpu(), cfg.num_layers,
+                                       cfg.num_micro_batches, 0));
+    CHECK(bitwise_equal(orch_engine.x(), ref_engine.x()));
+    for (std::int32_t l = 0; l < cfg.num_layers; ++l)
+      for (std::int32_t i = 0; i < num_seqs; ++i)
+        CHECK(orch_kv.seq_len(l, i) == ref_kv.seq_len(l, i));
+  }
 };
 
 // A backend wrapper that can fail or block on a chosen (step, layer, mb).
@@ -539,12 +552,7 @@ TEST_CASE("Failures return a Status and the next step succeeds", "[runtime]") {
     const Status next = orch.step(seqs, p.orch_engine.io(), st);
     INFO(next.message());
     REQUIRE(next);
-    REQUIRE(hattn_test::run_sequential(p.ref_engine, p.ref_kv, p.ref_backend, executor,
-                                       PartitionPolicy::all_cpu(), cfg.num_layers,
-                                       cfg.num_micro_batches, 0));
-    CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
-    for (std::int32_t l = 0; l < cfg.num_layers; ++l)
-      for (std::int32_t i = 0; i < 5; ++i) CHECK(p.orch_kv.seq_len(l, i) == p.ref_kv.seq_len(l, i));
+    p.check_one_sequential_step(executor, 5);
   }
 }
 
@@ -588,12 +596,7 @@ TEST_CASE("An allocation failure on the issuing thread fails the step with a Sta
     p.orch_engine.restore();
   }
   CHECK(failed > 0);
-  REQUIRE(hattn_test::run_sequential(p.ref_engine, p.ref_kv, p.ref_backend, executor,
-                                     PartitionPolicy::all_cpu(), cfg.num_layers,
-                                     cfg.num_micro_batches, 0));
-  CHECK(bitwise_equal(p.orch_engine.x(), p.ref_engine.x()));
-  for (std::int32_t l = 0; l < cfg.num_layers; ++l)
-    for (std::int32_t i = 0; i < 3; ++i) CHECK(p.orch_kv.seq_len(l, i) == p.ref_kv.seq_len(l, i));
+  p.check_one_sequential_step(executor, 3);
 }
 
 TEST_CASE("Orchestrator rejects bad input with a Status", "[runtime]") {
