@@ -10,6 +10,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cpu/attend.hpp"
 #include "cpu/lsh_kernels.hpp"
@@ -32,13 +33,8 @@ constexpr std::int64_t kHashBlock = 256;          // rows centered and hashed at
 // parallel items included: TBB passes their exceptions on) is kOutOfMemory.
 template <class F>
 Status status_of(F&& f) noexcept {
-  try {
-    return f();
-  } catch (const std::bad_alloc&) {
-    return {StatusCode::kOutOfMemory, "LshAttention: out of memory"};
-  } catch (...) {
-    return {StatusCode::kInternal, "LshAttention: unexpected exception"};
-  }
+  return hattn::detail::status_of(std::forward<F>(f), "LshAttention: out of memory",
+                                  "LshAttention: unexpected exception");
 }
 
 template <class F>
@@ -878,14 +874,11 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   // KV head, pass of up to 16 of its query heads).
   const std::int32_t gmax =
       config_.gather == LshConfig::Gather::kUnion ? std::min(G, kMaxGroupPerPass) : 1;
-  try {
-    const auto slots = static_cast<std::size_t>(executor.concurrency()) + 1;
-    if (im.scratch.size() < slots) im.scratch.resize(slots);
-    for (auto& sc : im.scratch)
-      sc.reserve(max_indexed, max_exact, D, config_.L, config_.min_collisions, gmax);
-  } catch (const std::bad_alloc&) {
-    return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
-  }
+  // Allocation failures here and below reach decode()'s status_of.
+  const auto slots = static_cast<std::size_t>(executor.concurrency()) + 1;
+  if (im.scratch.size() < slots) im.scratch.resize(slots);
+  for (auto& sc : im.scratch)
+    sc.reserve(max_indexed, max_exact, D, config_.L, config_.min_collisions, gmax);
 
   const float scale = shape_.sm_scale ? *shape_.sm_scale : 1.0f / std::sqrt(float(D));
   const std::int32_t L = config_.L;
@@ -912,15 +905,11 @@ Status LshAttention::decode_impl(std::span<const SeqId> ids, const QueryView& q,
   // 786 KB at K10L150, cold after the other layers' traffic.)
   constexpr std::int32_t kWordsPerTask = 3;
   const std::int64_t hash_tasks = shared ? (words + kWordsPerTask - 1) / kWordsPerTask : 0;
-  try {
-    im.step_q.resize(static_cast<std::size_t>(qrows * D));
-    if (shared) im.step_bits.resize(static_cast<std::size_t>(qrows * words));
-    if (exact_first) {
-      im.step_oe.resize(static_cast<std::size_t>(qrows * D));
-      im.step_lse_e.resize(static_cast<std::size_t>(qrows));
-    }
-  } catch (const std::bad_alloc&) {
-    return {StatusCode::kOutOfMemory, "decode: cannot allocate scratch"};
+  im.step_q.resize(static_cast<std::size_t>(qrows * D));
+  if (shared) im.step_bits.resize(static_cast<std::size_t>(qrows * words));
+  if (exact_first) {
+    im.step_oe.resize(static_cast<std::size_t>(qrows * D));
+    im.step_lse_e.resize(static_cast<std::size_t>(qrows));
   }
   for (std::int64_t r = 0; r < qrows; ++r) {
     const std::int64_t off = r / Hq * q.stride_batch + r % Hq * q.stride_head;

@@ -4,6 +4,7 @@
 // return a descriptive error.
 
 #include <cstdint>
+#include <new>
 #include <string_view>
 
 namespace hattn {
@@ -51,6 +52,24 @@ class [[nodiscard]] Status {
   StatusCode code_ = StatusCode::kSuccess;
   const char* message_ = "";
 };
+
+namespace detail {
+
+// f() (returning Status) for a caller that must not throw: std::bad_alloc
+// from anywhere in f becomes kOutOfMemory with `oom`, any other exception
+// kInternal with `other`.
+template <class F>
+Status status_of(F&& f, const char* oom, const char* other) noexcept {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, oom};
+  } catch (...) {
+    return {StatusCode::kInternal, other};
+  }
+}
+
+}  // namespace detail
 
 }  // namespace hattn
 

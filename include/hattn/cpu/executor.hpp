@@ -9,7 +9,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <new>
 
 #include "hattn/core/status.hpp"
 
@@ -55,14 +54,12 @@ class CpuExecutor {
   // (std::bad_alloc) or kInternal, and the items may then have run in part.
   template <class F>
   [[nodiscard]] Status try_parallel_for(std::int64_t n, const F& f) const noexcept {
-    try {
-      parallel_for(n, f);
-      return Status::ok();
-    } catch (const std::bad_alloc&) {
-      return {StatusCode::kOutOfMemory, "parallel_for: out of memory"};
-    } catch (...) {
-      return {StatusCode::kInternal, "parallel_for: a task threw"};
-    }
+    return detail::status_of(
+        [&] {
+          parallel_for(n, f);
+          return Status::ok();
+        },
+        "parallel_for: out of memory", "parallel_for: a task threw");
   }
 
  private:

@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -184,11 +185,22 @@ class HostStream {
 // Records a point in a HostStream; other streams or the host wait for it.
 // Copyable handles to one shared state, so a stream's queued items keep it
 // alive.
+// Its state is made on the first record() (so a default-constructed one never
+// throws and an unrecorded wait is a no-op, like CudaEvent's); move-only.
 class HostEvent {
  public:
-  HostEvent() : state_(std::make_shared<State>()) {}
+  HostEvent() noexcept = default;
+  HostEvent(HostEvent&&) noexcept = default;
+  HostEvent& operator=(HostEvent&&) noexcept = default;
 
   Status record(HostStream& stream) {
+    if (!state_) {
+      try {
+        state_ = std::make_shared<State>();
+      } catch (const std::bad_alloc&) {
+        return {StatusCode::kOutOfMemory, "HostEvent::record: out of memory"};
+      }
+    }
     const std::uint64_t gen = ++state_->recorded;  // only the issuing thread records
     return stream.host_fn([s = state_, gen] {
       s->completed.store(gen, std::memory_order_release);
@@ -197,14 +209,15 @@ class HostEvent {
   }
   // Later work on `stream` waits until the last record() has completed.
   Status wait(HostStream& stream) {
+    if (!state_) return Status::ok();
     const std::uint64_t gen = state_->recorded;
-    if (gen == 0) return Status::ok();
     return stream.host_fn([s = state_, gen] {
       s->waiter.wait_until([&] { return s->completed.load(std::memory_order_acquire) >= gen; },
                            Deadline::max());
     });
   }
   Status synchronize(Deadline deadline = Deadline::max()) {
+    if (!state_) return Status::ok();
     const std::uint64_t gen = state_->recorded;
     const bool done = state_->waiter.wait_until(
         [&] { return state_->completed.load(std::memory_order_acquire) >= gen; }, deadline);
@@ -212,7 +225,7 @@ class HostEvent {
                 : Status{StatusCode::kInternal, "HostEvent::synchronize: deadline exceeded"};
   }
   bool query() const noexcept {
-    return state_->completed.load(std::memory_order_acquire) >= state_->recorded;
+    return !state_ || state_->completed.load(std::memory_order_acquire) >= state_->recorded;
   }
 
  private:

@@ -35,8 +35,6 @@
 #include <exception>
 #include <functional>
 #include <mutex>
-#include <new>
-#include <optional>
 #include <span>
 #include <stdexcept>
 #include <thread>
@@ -159,10 +157,10 @@ class DecodeOrchestrator {
   }
 
   // Waits for the streams and the CPU thread to finish what was issued. A
-  // drain that could not allocate (a host stream's event) is tried again a
-  // few times, then this terminates: stopping anyway would leave work queued
-  // on the streams pointing at this object. Other errors (a device's) stop
-  // as they are.
+  // drain that ran out of memory (recording a host stream's event) is tried
+  // again a few times, then this terminates: stopping anyway would leave work
+  // queued on the streams pointing at this object. Other errors (a device's)
+  // stop as they are.
   ~DecodeOrchestrator() {
     for (int tries = 0;; ++tries) {
       const Status s = drain(Deadline::max());
@@ -502,14 +500,7 @@ class DecodeOrchestrator {
   // Wait until both streams have run everything issued (events complete even
   // after an error), then collect their errors.
   Status streams_idle(Deadline deadline) {
-    std::optional<typename S::Event> ce, ke;  // a host stream's event allocates
-    try {
-      ce.emplace();
-      ke.emplace();
-    } catch (const std::bad_alloc&) {
-      return {StatusCode::kOutOfMemory, "DecodeOrchestrator: cannot allocate a stream event"};
-    }
-    typename S::Event &c = *ce, &k = *ke;
+    typename S::Event c, k;
     HATTN_RETURN_IF_ERROR(c.record(compute_));
     HATTN_RETURN_IF_ERROR(k.record(copy_));
     if (!c.synchronize(deadline) || !k.synchronize(deadline))
