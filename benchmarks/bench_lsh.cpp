@@ -24,8 +24,9 @@
 // Shape: Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128), bf16
 // KV in pages of 16 tokens (HND), f32 queries and outputs, all cores. Each
 // timed iteration is one decode step for a fresh query batch (16 batches in
-// rotation); before it, outside the timer, a 96 MiB buffer is written by all
-// threads so the step finds no KV or index in any cache (as in a real model,
+// rotation); before it, outside the timer, a buffer of max(96 MiB, 3 x the
+// last-level cache) is written by all threads so the step finds no KV or
+// index in any cache (as in a real model,
 // where the other layers' KV passes through the caches between two visits of
 // this layer).
 //
@@ -61,6 +62,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_cache.hpp"
 #include "hattn/core/dtype.hpp"
 #include "hattn/core/page_pool.hpp"
 #include "hattn/cpu/dense_decode.hpp"
@@ -280,7 +282,9 @@ Fixture* fixture(const std::string& cfg, std::int64_t n, Data data, std::string*
   return g_fixture.get();
 }
 
-// Writes a buffer larger than the last-level cache, on every thread of the
+// Writes a buffer of 3x the last-level cache (96 MiB at least; 3x and 6x
+// gave the same step times, 96 MiB against a 260 MiB L3 a step at kv:65536
+// bs:1 6 % faster: docs/lsh.md), on every thread of the
 // executor, so every core's private L2 is flushed too and every core has
 // been busy just before the step, as in an engine whose attention threads
 // come from other layers' work. (Written by the main thread alone, it left
@@ -290,7 +294,8 @@ Fixture* fixture(const std::string& cfg, std::int64_t n, Data data, std::string*
 // it against 1.57 and 1.67 after this flush; dense steps 10.5 and 10.9
 // against 10.3 and 10.8 ms.)
 void flush_cache() {
-  static std::vector<std::uint64_t> buf(std::size_t{96} << 17);  // 96 MiB
+  static std::vector<std::uint64_t> buf(bench_cache::beyond(std::size_t{96} << 20, 3) /
+                                        sizeof(std::uint64_t));
   static std::uint64_t tick = 0;
   ++tick;
   constexpr std::int64_t kChunks = 64;
