@@ -197,15 +197,19 @@ struct SimdAttend {
   // bench_lsh about 1 % (docs/lsh.md, session 13).
   static constexpr int kAheadK = W == 8 ? 6 : 3 * W;
   static constexpr int kAheadV = W == 8 ? 2 * W : 3 * W;
-  // AVX2: a second stage pulls the gathered rows from L2 into L1 (prefetcht0)
+  // A second stage pulls the gathered rows from L2 into L1 (prefetcht0)
   // shortly before their use: K rows kNearK ahead, V rows kNearV ahead; 0
   // for none. By then the rows are in L2 or on their way, so each line holds
-  // an L1 miss buffer only briefly. (Zen 3, the same harness: the kernel
+  // an L1 miss buffer only briefly. AVX2 (Zen 3, the same harness: the kernel
   // 10-12 % faster; K / V at 2 / 4, 3 / 4, 3 / 6, 3 / 8, 2 / 8 and 4 / 8 rows
   // all within 1 %. Whole bench_lsh steps, alternating in one process: 6-10 %
-  // faster at 16K and 64K, bs:1 and bs:8, diffuse and peaky.)
-  static constexpr int kNearK = W == 8 ? 3 : 0;
-  static constexpr int kNearV = W == 8 ? W : 0;
+  // faster at 16K and 64K, bs:1 and bs:8, diffuse and peaky.) AVX-512 (an
+  // Emerald Rapids guest, bench_lsh lsh_vs_dense at 64K, three rounds of
+  // separate builds, speedup at bs:1 / bs:8): none 8.01-8.21 / 8.25-8.32,
+  // 3 / 16 rows 8.25-8.34 / 8.14-8.47, 2 / 8 rows 8.36-8.50 / 8.47-8.70
+  // (docs/lsh.md, session 16; not measured on Zen 4).
+  static constexpr int kNearK = W == 8 ? 3 : 2;
+  static constexpr int kNearV = W == 8 ? W : W / 2;
 
   // The first k_rows K rows and v_rows V rows of KV head hk towards L2: a
   // gathered-row call (Scores::kRowPrefetch), before its first block. (Towards
