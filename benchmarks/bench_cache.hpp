@@ -23,7 +23,8 @@ inline std::size_t last_level_bytes() {
       const long v = sysconf(name);
       if (v > 0) best = std::max(best, static_cast<std::size_t>(v));
     }
-    for (int i = 0; best == 0 && i < 8; ++i) {
+    if (best != 0) return best;
+    for (int i = 0; i < 8; ++i) {  // index0 is L1d: take the largest
       std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
       std::size_t kib = 0;
       if (f >> kib) best = std::max(best, kib << 10);  // "266240K"

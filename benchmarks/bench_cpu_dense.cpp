@@ -19,8 +19,7 @@
 // tokens (HATTN_BENCH_PAGE_SIZE overrides) in HND order (HostPagePool), f32 query and output, all
 // cores (default CpuExecutor), wall-clock time. Each iteration runs one decode step on the next of
 // N distinct KV sets, N * KV bytes >= max(512 MiB, 8 x the last-level cache), so no iteration
-// finds its KV in cache (bench_cache.hpp). Only run() is
-// timed; the plans are made beforehand.
+// finds its KV in cache (bench_cache.hpp). Only run() is timed; the plans are made beforehand.
 //
 // Reported: bytes_per_second (KV bytes = 2 * sum(len) * H_kv * D * sizeof(kv)
 // per iteration), bw_fraction = that rate / the probe's rate, probe_GBps (the
@@ -28,8 +27,7 @@
 // halves), and the kernel ISA as the label.
 //
 // The probe: a parallel sum over max(1 GiB, 8 x the last-level cache) in 4 MiB chunks on the
-// same executor,
-// with wide loads and several accumulators, the median of 5 passes, measured
+// same executor, with wide loads and several accumulators, the median of 5 passes, measured
 // right before and right after each case's timed loop (untimed); a case's
 // probe is the mean of the two. The buffer is allocated and written once,
 // before any case memory exists. HATTN_PROBE_DEBUG=1 prints every pass. (On

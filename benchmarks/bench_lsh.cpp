@@ -26,9 +26,8 @@
 // timed iteration is one decode step for a fresh query batch (16 batches in
 // rotation); before it, outside the timer, a buffer of max(96 MiB, 3 x the
 // last-level cache) is written by all threads so the step finds no KV or
-// index in any cache (as in a real model,
-// where the other layers' KV passes through the caches between two visits of
-// this layer).
+// index in any cache (as in a real model, where the other layers' KV passes
+// through the caches between two visits of this layer).
 //
 // Counters of the lsh cases, from the first query batch:
 //   sampled_fraction  mean over (sequence, query head) of sampled / indexed keys
@@ -284,8 +283,8 @@ Fixture* fixture(const std::string& cfg, std::int64_t n, Data data, std::string*
 
 // Writes a buffer of 3x the last-level cache (96 MiB at least; 3x and 6x
 // gave the same step times, 96 MiB against a 260 MiB L3 a step at kv:65536
-// bs:1 6 % faster: docs/lsh.md), on every thread of the
-// executor, so every core's private L2 is flushed too and every core has
+// bs:1 6 % faster: docs/lsh.md), on every thread of the executor, so every
+// core's private L2 is flushed too and every core has
 // been busy just before the step, as in an engine whose attention threads
 // come from other layers' work. (Written by the main thread alone, it left
 // the other core's 2 MiB L2 as the previous step had left it, and that vCPU
