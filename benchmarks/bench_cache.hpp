@@ -34,9 +34,10 @@ inline std::size_t last_level_bytes() {
   return n;
 }
 
-// max(floor, factor x the last-level cache).
-inline std::size_t beyond(std::size_t floor, std::size_t factor) {
-  return std::max(floor, factor * last_level_bytes());
+// max(floor, factor x the last-level cache), rounded up to a multiple of unit.
+inline std::size_t beyond(std::size_t floor, std::size_t factor, std::size_t unit = 1) {
+  const std::size_t n = std::max(floor, factor * last_level_bytes());
+  return (n + unit - 1) / unit * unit;
 }
 
 }  // namespace bench_cache

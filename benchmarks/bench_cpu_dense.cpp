@@ -329,8 +329,7 @@ void release_fixture() {
 // chunks, allocated (and written) once, before any case memory exists, and
 // kept for the whole process.
 ReadBuffer& probe_buffer() {
-  static ReadBuffer buf{(bench_cache::beyond(kGiB, kCacheFactor) + kProbeChunk - 1) / kProbeChunk *
-                        kProbeChunk};
+  static ReadBuffer buf{bench_cache::beyond(kGiB, kCacheFactor, kProbeChunk)};
   return buf;
 }
 

@@ -4,8 +4,9 @@
 //
 // Cases cpu_kernel/<isa>/<mode>/<where>: bf16 KV, 8 KV heads x 4 query heads,
 // head dim 128, rows laid out as HND pages of 16 tokens, 256 rows per kernel
-// call. <where> is "cache" (1 MiB of K and V, re-read) or "memory" (1 GiB
-// each, streamed once per iteration). <mode> is f32 products or bf16 products.
+// call. <where> is "cache" (1 MiB of K and V, re-read) or "memory"
+// (max(1 GiB, 4x the last-level cache) each, streamed once per iteration).
+// <mode> is f32 products or bf16 products.
 // Counter bytes_per_second: K and V bytes attended per second.
 //
 // Uses the kernel interface in src/cpu/attend.hpp (internal).
@@ -23,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_cache.hpp"
 #include "cpu/attend.hpp"
 #include "hattn/cpu/isa.hpp"
 
@@ -35,12 +37,14 @@ constexpr int kHeadDim = 128, kGroup = 4, kKvHeads = 8, kPage = 16, kRowsPerCall
 constexpr std::size_t kRowBytes = kHeadDim * 2;
 constexpr std::size_t kPageBytes = kPage * kKvHeads * kRowBytes;
 
+constexpr std::size_t kHugePage = std::size_t{2} << 20;  // buffers' alignment and size unit
+
 struct FreeDeleter {
   void operator()(void* p) const noexcept { std::free(p); }
 };
 
 std::unique_ptr<std::byte, FreeDeleter> alloc_filled(std::size_t bytes) {
-  void* p = std::aligned_alloc(2u << 20, bytes);
+  void* p = std::aligned_alloc(kHugePage, bytes);
   if (p == nullptr) throw std::bad_alloc();
   (void)madvise(p, bytes, MADV_HUGEPAGE);
   auto* u = static_cast<std::uint16_t*>(p);
@@ -99,7 +103,8 @@ void register_all() {
         const std::string name = std::string("cpu_kernel/") + i.name + "/" +
                                  (bf16p ? "bf16products" : "f32products") + "/" +
                                  (memory ? "memory" : "cache");
-        const std::size_t bytes = memory ? (std::size_t{1} << 30) : (std::size_t{1} << 19);
+        const std::size_t bytes = memory ? bench_cache::beyond(std::size_t{1} << 30, 4, kHugePage)
+                                         : (std::size_t{1} << 19);
         benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) {
           bm_kernel(st, i.isa, bf16p, bytes);
         })->Unit(benchmark::kMillisecond);
