@@ -587,10 +587,20 @@ struct SimdAttend {
 
 // A plain switch, not hattn::dispatch: an ISA TU must not instantiate
 // anything a baseline TU could also instantiate (see kernels_avx512.cpp).
+// The dense kernels' value tiles with 32 registers: slices of 4 vectors for 4
+// query heads, so each V row is loaded (and widened) once per block rather
+// than once per pair of heads. Emerald Rapids guest, bench_cpu_dense at
+// kv:32768, three alternating rounds of separate builds, medians of the rounds'
+// bw_fraction at bs:1 / bs:8, 2 heads x 8 vectors -> 4 x 4: bf16 0.640 / 0.704
+// -> 0.644 / 0.716, f16 0.620 / 0.659 -> 0.637 / 0.681, f32 0.791 / 0.851 ->
+// 0.834 / 0.850; the kernel alone from cache 16.6-18.1 -> 18.1-19.4 GiB/s
+// (docs/cpu-dense.md, session 17). The sampled (LSH) kernels keep 8.
+inline constexpr int kDenseSliceMax = 4;
+
 template <class A, int D, class KvT>
 Kernel simd_kernel_of() noexcept {
   constexpr Order o = RowLoad<A, KvT>::kOrder;
-  return {&SimdAttend<A, D, KvT>::run, o, o,
+  return {&SimdAttend<A, D, KvT, kDenseSliceMax>::run, o, o,
           2 * static_cast<std::int32_t>(xsimd::batch<float, A>::size)};
 }
 
