@@ -585,8 +585,6 @@ struct SimdAttend {
   }
 };
 
-// A plain switch, not hattn::dispatch: an ISA TU must not instantiate
-// anything a baseline TU could also instantiate (see kernels_avx512.cpp).
 // The dense kernels' value tiles with 32 registers: slices of 4 vectors for 4
 // query heads, so each V row is loaded (and widened) once per block rather
 // than once per pair of heads. Emerald Rapids guest, bench_cpu_dense at
@@ -597,6 +595,8 @@ struct SimdAttend {
 // (docs/cpu-dense.md, session 17). The sampled (LSH) kernels keep 8.
 inline constexpr int kDenseSliceMax = 4;
 
+// A plain switch, not hattn::dispatch: an ISA TU must not instantiate
+// anything a baseline TU could also instantiate (see kernels_avx512.cpp).
 template <class A, int D, class KvT>
 Kernel simd_kernel_of() noexcept {
   constexpr Order o = RowLoad<A, KvT>::kOrder;
