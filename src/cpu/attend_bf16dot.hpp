@@ -43,7 +43,7 @@ struct Bf16DotAttend {
   template <int HT>
   HATTN_TARGET_BF16 static void score_tile(const __m512i* qb, const std::byte* const* k,
                                            std::ptrdiff_t koff, int t0, int nb, int h0,
-                                           float (*dots)[W][W], const typename Simd::Ahead& ahead,
+                                           float (*dots)[W][W], typename Simd::Ahead& ahead,
                                            int part, int parts) noexcept {
     const typename Simd::Ahead::Span lines = Simd::Ahead::span(part, parts);
     __m512i qr[HT][kChunks];
@@ -65,7 +65,7 @@ struct Bf16DotAttend {
 
   HATTN_TARGET_BF16 static void scores(const __m512i* qb, int G, const std::byte* const* k,
                                        std::ptrdiff_t koff, int t0, int nb, float (*dots)[W][W],
-                                       const typename Simd::Ahead& ahead) noexcept {
+                                       typename Simd::Ahead& ahead) noexcept {
     // Passes over the rows: the ahead block's lines are split among them.
     const int parts = G / kScoreTile + G % kScoreTile;
     int h0 = 0, part = 0;
@@ -78,7 +78,7 @@ struct Bf16DotAttend {
   HATTN_TARGET_BF16 static void value_tile(float* acc_mem, const std::byte* const* v,
                                            std::ptrdiff_t voff, int t0, int nb, int h0,
                                            const std::uint16_t (*pb)[W], const float* alpha,
-                                           const typename Simd::Ahead& ahead, int tile,
+                                           typename Simd::Ahead& ahead, int tile,
                                            int parts) noexcept {
     for (int c0 = 0; c0 < kChunks; c0 += kSliceChunks) {
       const typename Simd::Ahead::Span lines =
@@ -124,7 +124,7 @@ struct Bf16DotAttend {
   HATTN_TARGET_BF16 static void values(float* acc_mem, int G, const std::byte* const* v,
                                        std::ptrdiff_t voff, int t0, int nb,
                                        const std::uint16_t (*pb)[W], const float* alpha,
-                                       const typename Simd::Ahead& ahead) noexcept {
+                                       typename Simd::Ahead& ahead) noexcept {
     const int tiles = G / kHeadTile + G % kHeadTile, parts = tiles * (kChunks / kSliceChunks);
     int h0 = 0, tile = 0;
     for (; h0 + kHeadTile <= G; h0 += kHeadTile)

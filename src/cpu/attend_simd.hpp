@@ -22,6 +22,7 @@
 
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -67,6 +68,25 @@ struct SimdOps<xsimd::avx512f> {
   static B mask_tail(B x, int n) noexcept {  // lanes >= n -> -inf
     return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), static_cast<__mmask16>((1u << n) - 1u), x);
   }
+  // 2^x for the softmax weights, x <= 0 or -inf: x = k + f with k an integer
+  // and |f| <= 1/2, 2^f from a degree-6 polynomial (a weighted least-squares
+  // fit, relative error 2e-9 before rounding), scaled by 2^k with vscalefps.
+  // x below -125 gives 0, so no weight is denormal. 11 operations, about half
+  // of xsimd::exp2, which also handles large positive x.
+  static B exp2_nonpos(B x) noexcept {
+    const __m512 shifter = _mm512_set1_ps(0x1.8p23f);  // x + shifter rounds x to an integer
+    const __m512 k = _mm512_sub_ps(_mm512_add_ps(x, shifter), shifter);
+    const __m512 f = _mm512_sub_ps(x, k);
+    __m512 p = _mm512_set1_ps(1.5353360504377633e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398873852565885e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.61843691766262e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674201965e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022647738456726f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
+    return _mm512_maskz_scalef_ps(normal, p, k);
+  }
 };
 #endif
 
@@ -89,6 +109,7 @@ struct SimdOps<xsimd::fma3<xsimd::avx2>> {
     return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, keep);
   }
   static B haddp(const B* row) noexcept { return xsimd::haddp(row); }
+  static B exp2_nonpos(B x) noexcept { return xsimd::exp2(x); }
 };
 #endif
 
@@ -184,6 +205,7 @@ struct SimdAttend {
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
   static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
+  static constexpr std::size_t kRowBytes = D * sizeof(KvT);
   // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead: K
   // rows kAheadK ahead, V rows kAheadV ahead. AVX-512: three blocks for both
   // (Zen 4, 64K tokens, one query head per call: 1 block 2.3-2.6 ms per step,
@@ -260,14 +282,47 @@ struct SimdAttend {
     static Span span(int part, int parts) noexcept {
       return {part * kLinesPerRow / parts, (part + 1) * kLinesPerRow / parts};
     }
-    void k_lines(int t, Span s) const noexcept {
-      if (t < nb) lines(k[t] + koff, s);
+    // When the block's rows lie back to back (row t at row 0 + t * L lines,
+    // as in HND pages of 16 or more tokens), kc and vc run through its lines
+    // in address order: each call takes as many lines as its span holds, so
+    // a row's passes together still prefetch L lines, but one sequential
+    // stream goes out instead of a span of every row per pass, and no row
+    // pointer is read. (Ice Lake guest, both threads, bench_cpu_dense at
+    // kv:32768: docs/cpu-dense.md, session 18.) Otherwise (nullptr) row t's
+    // span is prefetched from its own pointer.
+    const std::byte* kc = nullptr;
+    const std::byte* vc = nullptr;
+    void k_lines(int t, Span s) noexcept {
+      if (t < nb) lines(kc, k[t] + koff, s);
     }
-    void v_lines(int t, Span s) const noexcept {
-      if (t < nb) lines(v[t] + voff, s);
+    void v_lines(int t, Span s) noexcept {
+      if (t < nb) lines(vc, v[t] + voff, s);
     }
-    static void lines(const std::byte* row, Span s) noexcept {
-      for (int c = s.c0; c < s.c1; ++c) prefetch_l2(row + 64 * c);
+    static void lines(const std::byte*& cursor, const std::byte* row, Span s) noexcept {
+      if (cursor != nullptr) {
+        for (int c = s.c0; c < s.c1; ++c, cursor += 64) prefetch_l2(cursor);
+      } else {
+        for (int c = s.c0; c < s.c1; ++c) prefetch_l2(row + 64 * c);
+      }
+    }
+    // Whether rows[0..nb) are back to back: a full block is checked with
+    // vector compares, a partial one (the end of a call) is not used.
+    static bool back_to_back(const std::byte* const* rows, int nb) noexcept {
+      if (nb != W) return false;
+      using P = xsimd::batch<std::uint64_t, A>;
+      constexpr int kP = static_cast<int>(P::size);
+      alignas(64) static constexpr auto kOffsets = [] {
+        std::array<std::uint64_t, W> o{};
+        for (int t = 0; t < W; ++t) o[static_cast<std::size_t>(t)] = std::uint64_t(t) * kRowBytes;
+        return o;
+      }();
+      const P base(reinterpret_cast<std::uint64_t>(rows[0]));
+      auto ok = P::load_unaligned(reinterpret_cast<const std::uint64_t*>(rows)) - base ==
+                P::load_aligned(kOffsets.data());
+      for (int i = kP; i < W; i += kP)
+        ok = ok & (P::load_unaligned(reinterpret_cast<const std::uint64_t*>(rows + i)) - base ==
+                   P::load_aligned(kOffsets.data() + i));
+      return xsimd::all(ok);
     }
   };
 
@@ -303,6 +358,8 @@ struct SimdAttend {
         b.ahead = {a_.k + ahead_.t0, a_.v + ahead_.t0, ahead_.hk * a_.k_head_stride,
                    ahead_.hk * a_.v_head_stride,
                    ahead_.v1 - ahead_.t0 < W ? ahead_.v1 - ahead_.t0 : W};
+        if (Ahead::back_to_back(b.ahead.k, b.ahead.nb)) b.ahead.kc = b.ahead.k[0] + b.ahead.koff;
+        if (Ahead::back_to_back(b.ahead.v, b.ahead.nb)) b.ahead.vc = b.ahead.v[0] + b.ahead.voff;
         step(ahead_);
       }
       step(cur_);
@@ -345,15 +402,17 @@ struct SimdAttend {
     for (int t = 0; t < W; ++t) rows[t] = t < nb ? B::load_aligned(dots[t]) : B(0.0f);
     B s = transform(Ops::haddp(rows));
     if (nb < W) s = Ops::mask_tail(s, nb);
-    const float bm = Ops::hmax(s);
     alpha = 1.0f;
-    if (bm > m) {                 // rare after the first block: skip the exp2 otherwise
+    // Rare after the first block: a compare, not the block maximum (a chain
+    // of shuffles), decides whether the maximum grows.
+    if (xsimd::any(s > B(m))) {
+      const float bm = Ops::hmax(s);
       alpha = std::exp2(m - bm);  // m = -inf -> 0
       m = bm;
       l = l * B(alpha);
     }
     if (m == -INFINITY) return B(0.0f);  // every score so far masked out (sampled kernels)
-    return xsimd::exp2(s - B(m));
+    return Ops::exp2_nonpos(s - B(m));
   }
 
   // Per-call view of one KV head's rows and state.
@@ -398,7 +457,7 @@ struct SimdAttend {
 
   template <int HT>
   static void score_tile(const Head& hd, int t0, int nb, int h0, float (*dots)[W][W],
-                         float (*ndots)[W], const Ahead& ahead) noexcept {
+                         float (*ndots)[W], Ahead& ahead) noexcept {
     const typename Ahead::Span lines = hd.kspans[h0 / kScoreTile];
     // With 32 registers the tile's query rows are loaded once, not per row.
     constexpr bool kRegs = kQInRegs && HT * kNV <= 16;
@@ -418,7 +477,7 @@ struct SimdAttend {
   // rows are in qr, else they are read from L1.
   template <int HT, int R, bool kRegs>
   static void score_rows(const Head& hd, int t0, int t, int h0, float (*dots)[W][W],
-                         float (*ndots)[W], const Ahead& ahead, typename Ahead::Span lines,
+                         float (*ndots)[W], Ahead& ahead, typename Ahead::Span lines,
                          const B (&qr)[kRegs ? HT : 1][kRegs ? kNV : 1]) noexcept {
     const float* q = hd.q + h0 * D;
     auto q_at = [&](int h, int vi) {
@@ -478,7 +537,7 @@ struct SimdAttend {
   // in registers while the block's V rows stream by.
   template <int HT>
   static void value_tile(const Head& hd, int t0, int nb, int h0, const float (*p)[W],
-                         const float* alpha, const Ahead& ahead) noexcept {
+                         const float* alpha, Ahead& ahead) noexcept {
     for (int s0 = 0; s0 < kNV; s0 += kSlice) {
       const int pass = h0 / kHeadTile * (kNV / kSlice) + s0 / kSlice;
       B acc[HT][kSlice];
