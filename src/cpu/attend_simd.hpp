@@ -12,7 +12,8 @@
 //   3. values: per slice of 4 vectors of the head dim, the group's
 //      accumulators stay in registers while the block's V rows stream by.
 // Blocks are walked as the layout streams best (Walk), and the rows two
-// blocks ahead are prefetched towards L2, one row per row computed (Ahead).
+// blocks ahead are prefetched towards L2, one row's lines per row computed,
+// in address order where the rows lie back to back (Ahead).
 // bf16 rows are widened without shuffles: a 32-bit lane holding elements
 // (2i, 2i+1) gives element 2i by a left shift and 2i+1 by masking, so
 // vectors hold even then odd elements ("kernel order"); q and the
@@ -263,8 +264,9 @@ struct SimdAttend {
 
   // The rows of a block kAheadBlocks ahead in walk order, prefetched towards
   // L2 (prefetcht1) while this block is computed: row t's lines while row t
-  // is, and split between the passes over the row (query-head tiles, slices
-  // of the head dim), so the requests are spread out. They then leave the
+  // is (for back-to-back rows, as many lines in address order: kc, vc), and
+  // split between the passes over the row (query-head tiles, slices of the
+  // head dim), so the requests are spread out. They then leave the
   // L1's miss buffers to the rows in use and to the per-head q and
   // accumulators. (On Zen 4 a burst of prefetches to L1 halved a stream's
   // rate; without prefetches the hardware prefetchers fell behind whenever
