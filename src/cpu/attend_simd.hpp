@@ -8,7 +8,7 @@
 //      head of the group (q read from L1); W dot-product vectors per head are
 //      reduced to one vector of W scores with a transpose-add (haddp);
 //   2. online softmax in base 2 (q is pre-scaled by log2 e): new max, rescale
-//      factor, p = exp2(s - m) with an accurate exp2;
+//      factor, p = exp2(s - m) with an exp2 accurate to about 1 ulp;
 //   3. values: per slice of 4 vectors of the head dim, the group's
 //      accumulators stay in registers while the block's V rows stream by.
 // Blocks are walked as the layout streams best (Walk), and the rows two
@@ -71,9 +71,12 @@ struct SimdOps<xsimd::avx512f> {
   }
   // 2^x for the softmax weights, x <= 0 or -inf: x = k + f with k an integer
   // and |f| <= 1/2, 2^f from a degree-6 polynomial (a weighted least-squares
-  // fit, relative error 2e-9 before rounding), scaled by 2^k with vscalefps.
-  // x below -125 gives 0, so no weight is denormal. 11 operations, about half
-  // of xsimd::exp2, which also handles large positive x.
+  // fit; relative error 1.6e-8 with its coefficients rounded to float, before
+  // the rounding of the evaluation), scaled by 2^k with vscalefps. x below
+  // -125 gives 0, so no weight is denormal; NaN stays NaN (an unordered
+  // compare), as with xsimd::exp2. At most 0.95 ulp from exp2 in double over
+  // [-125, 0]. 11 operations, about half of xsimd::exp2, which also handles
+  // large positive x.
   static B exp2_nonpos(B x) noexcept {
     const __m512 shifter = _mm512_set1_ps(0x1.8p23f);  // x + shifter rounds x to an integer
     const __m512 k = _mm512_sub_ps(_mm512_add_ps(x, shifter), shifter);
@@ -85,7 +88,8 @@ struct SimdOps<xsimd::avx512f> {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022647738456726f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
+    const __mmask16 normal =
+        _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);  // x >= -125 or NaN
     return _mm512_maskz_scalef_ps(normal, p, k);
   }
 };
@@ -285,7 +289,7 @@ struct SimdAttend {
       return {part * kLinesPerRow / parts, (part + 1) * kLinesPerRow / parts};
     }
     // When the block's rows lie back to back (row t at row 0 + t * L lines,
-    // as in HND pages of 16 or more tokens), kc and vc run through its lines
+    // as in HND pages of W or more tokens), kc and vc run through its lines
     // in address order: each call takes as many lines as its span holds, so
     // a row's passes together still prefetch L lines, but one sequential
     // stream goes out instead of a span of every row per pass, and no row
@@ -294,18 +298,24 @@ struct SimdAttend {
     // span is prefetched from its own pointer.
     const std::byte* kc = nullptr;
     const std::byte* vc = nullptr;
+    // (The cursor is set only for a full ahead block, so t < nb holds there.)
     void k_lines(int t, Span s) noexcept {
-      if (t < nb) lines(kc, k[t] + koff, s);
+      if (kc != nullptr)
+        from_cursor(kc, s);
+      else if (t < nb)
+        lines(k[t] + koff, s);
     }
     void v_lines(int t, Span s) noexcept {
-      if (t < nb) lines(vc, v[t] + voff, s);
+      if (vc != nullptr)
+        from_cursor(vc, s);
+      else if (t < nb)
+        lines(v[t] + voff, s);
     }
-    static void lines(const std::byte*& cursor, const std::byte* row, Span s) noexcept {
-      if (cursor != nullptr) {
-        for (int c = s.c0; c < s.c1; ++c, cursor += 64) prefetch_l2(cursor);
-      } else {
-        for (int c = s.c0; c < s.c1; ++c) prefetch_l2(row + 64 * c);
-      }
+    static void from_cursor(const std::byte*& cursor, Span s) noexcept {
+      for (int c = s.c0; c < s.c1; ++c, cursor += 64) prefetch_l2(cursor);
+    }
+    static void lines(const std::byte* row, Span s) noexcept {
+      for (int c = s.c0; c < s.c1; ++c) prefetch_l2(row + 64 * c);
     }
     // Whether rows[0..nb) are back to back: a full block is checked with
     // vector compares, a partial one (the end of a call) is not used.
@@ -407,11 +417,15 @@ struct SimdAttend {
     alpha = 1.0f;
     // Rare after the first block: a compare, not the block maximum (a chain
     // of shuffles), decides whether the maximum grows.
+    // (bm > m is tested again: with a NaN score hmax may return NaN, which,
+    // as before this shortcut, does not become the maximum.)
     if (xsimd::any(s > B(m))) {
       const float bm = Ops::hmax(s);
-      alpha = std::exp2(m - bm);  // m = -inf -> 0
-      m = bm;
-      l = l * B(alpha);
+      if (bm > m) {
+        alpha = std::exp2(m - bm);  // m = -inf -> 0
+        m = bm;
+        l = l * B(alpha);
+      }
     }
     if (m == -INFINITY) return B(0.0f);  // every score so far masked out (sampled kernels)
     return Ops::exp2_nonpos(s - B(m));
