@@ -209,8 +209,8 @@ struct SimdAttend {
   static constexpr bool kVAheadInScores = W == 8;
   static_assert(kNV % Load::kVecs == 0 && kNV % kSlice == 0 && kSlice % Load::kVecs == 0);
 
-  static constexpr int kLinesPerRow = static_cast<int>(D * sizeof(KvT) / 64);
   static constexpr std::size_t kRowBytes = D * sizeof(KvT);
+  static constexpr int kLinesPerRow = static_cast<int>(kRowBytes / 64);
   // Rows a gathered-row kernel (Scores::kRowPrefetch) prefetches ahead: K
   // rows kAheadK ahead, V rows kAheadV ahead. AVX-512: three blocks for both
   // (Zen 4, 64K tokens, one query head per call: 1 block 2.3-2.6 ms per step,
@@ -317,6 +317,11 @@ struct SimdAttend {
     static void lines(const std::byte* row, Span s) noexcept {
       for (int c = s.c0; c < s.c1; ++c) prefetch_l2(row + 64 * c);
     }
+    // Sets kc and vc for a block whose K (V) rows lie back to back.
+    void set_cursors() noexcept {
+      if (back_to_back(k, nb)) kc = k[0] + koff;
+      if (back_to_back(v, nb)) vc = v[0] + voff;
+    }
     // Whether rows[0..nb) are back to back: a full block is checked with
     // vector compares, a partial one (the end of a call) is not used.
     static bool back_to_back(const std::byte* const* rows, int nb) noexcept {
@@ -370,8 +375,7 @@ struct SimdAttend {
         b.ahead = {a_.k + ahead_.t0, a_.v + ahead_.t0, ahead_.hk * a_.k_head_stride,
                    ahead_.hk * a_.v_head_stride,
                    ahead_.v1 - ahead_.t0 < W ? ahead_.v1 - ahead_.t0 : W};
-        if (Ahead::back_to_back(b.ahead.k, b.ahead.nb)) b.ahead.kc = b.ahead.k[0] + b.ahead.koff;
-        if (Ahead::back_to_back(b.ahead.v, b.ahead.nb)) b.ahead.vc = b.ahead.v[0] + b.ahead.voff;
+        b.ahead.set_cursors();
         step(ahead_);
       }
       step(cur_);
